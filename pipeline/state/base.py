@@ -1,0 +1,179 @@
+"""The sequence store contract: one interface, several backends, one test suite.
+
+A store holds, per user, the lifelong behavior sequence (item, category, action, ts) at absolute
+positions that only grow, plus the stream worker's bookkeeping: pending impressions and consumed
+offsets. Everything a worker batch changes is applied by ONE call, :meth:`SequenceStore.commit`,
+which is atomic on every backend (an LMDB write transaction; a Redis Lua script). After a crash
+the store is exactly as of the last commit, and the worker resumes from the offsets stored here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["Behaviors", "SequenceStore", "StateDelta", "empty_behaviors", "DEFAULT_LIFELONG_CAP"]
+
+#: Behaviors kept per user; older ones are trimmed while positions stay absolute. 100k covers the
+#: "lifelong" range of the papers (SDIM/DARE evaluate up to ~50k) with headroom.
+DEFAULT_LIFELONG_CAP = 100_000
+
+
+@dataclass(frozen=True)
+class Behaviors:
+    """A slice of one user's sequence, oldest first, as columnar numpy arrays.
+
+    ``start`` is the absolute position of element 0; ``start + len(self)`` is the end position.
+    """
+
+    item: np.ndarray  # (n,) int64
+    category: np.ndarray  # (n,) int64
+    action: np.ndarray  # (n,) uint8
+    ts: np.ndarray  # (n,) int64 ms
+    start: int = 0
+
+    def __len__(self) -> int:
+        return int(self.item.shape[0])
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self)
+
+    def tail(self, n: int) -> Behaviors:
+        if n >= len(self):
+            return self
+        k = len(self) - n
+        return Behaviors(self.item[k:], self.category[k:], self.action[k:], self.ts[k:], self.start + k)
+
+    @staticmethod
+    def concat(parts: Sequence[Behaviors]) -> Behaviors:
+        if not parts:
+            return empty_behaviors()
+        return Behaviors(
+            np.concatenate([p.item for p in parts]),
+            np.concatenate([p.category for p in parts]),
+            np.concatenate([p.action for p in parts]),
+            np.concatenate([p.ts for p in parts]),
+            parts[0].start,
+        )
+
+
+def empty_behaviors(start: int = 0) -> Behaviors:
+    z = np.zeros(0, dtype=np.int64)
+    return Behaviors(z, z, np.zeros(0, dtype=np.uint8), z, start)
+
+
+@dataclass
+class StateDelta:
+    """Everything one worker batch changes, applied atomically by :meth:`SequenceStore.commit`.
+
+    ``appends`` maps user -> new behaviors (in order). ``pending_put``/``pending_del`` edit the
+    pending-impression table (key -> opaque bytes), ``offsets`` are the next offsets to consume per
+    (topic, partition) for the consumer ``group``; ``meta`` holds small worker values (watermarks).
+    """
+
+    group: str
+    appends: dict[int, Behaviors] = field(default_factory=dict)
+    pending_put: dict[bytes, bytes] = field(default_factory=dict)
+    pending_del: set[bytes] = field(default_factory=set)
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    meta: dict[bytes, bytes] = field(default_factory=dict)
+
+
+class SequenceStore(ABC):
+    """Per-user lifelong sequences plus worker state, behind one atomic commit."""
+
+    #: Behaviors kept per user (oldest trimmed, positions stay absolute).
+    cap: int
+
+    @abstractmethod
+    def read(self, user: int, end: int | None = None, max_len: int | None = None) -> Behaviors:
+        """The last ``max_len`` behaviors before absolute position ``end`` (None: latest)."""
+
+    def read_many(
+        self, users: Sequence[int], ends: Sequence[int | None], max_len: int | None = None
+    ) -> list[Behaviors]:
+        """Batched :meth:`read`; backends override with one round trip / one read transaction."""
+        return [self.read(u, e, max_len) for u, e in zip(users, ends, strict=True)]
+
+    @abstractmethod
+    def length(self, user: int) -> int:
+        """Absolute end position of the user's sequence (0 for an unknown user)."""
+
+    @abstractmethod
+    def commit(self, delta: StateDelta) -> None:
+        """Apply a batch's appends, pending edits, offsets and meta atomically."""
+
+    @abstractmethod
+    def offsets(self, group: str) -> dict[tuple[str, int], int]:
+        """Stored next-offsets of a consumer group: {(topic, partition): offset}."""
+
+    @abstractmethod
+    def pending_items(self, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        """Pending-impression entries whose key starts with ``prefix``, in key order."""
+
+    @abstractmethod
+    def get_meta(self, key: bytes) -> bytes | None: ...
+
+    @abstractmethod
+    def users(self) -> Iterator[int]:
+        """Every user with a sequence, in ascending id order."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    # ---- derived, backend-independent -------------------------------------------------------
+
+    def digest(self) -> str:
+        """One stable hash over all sequences, pending impressions and stored offsets.
+
+        Computed from logical content (not the physical layout), so two stores of any backend that
+        hold the same state have the same digest.
+        """
+        h = hashlib.sha256()
+        for user in self.users():
+            b = self.read(user)
+            h.update(struct.pack(">QQQ", user, b.start, b.end))
+            for col in (b.item, b.category, b.action, b.ts):
+                h.update(np.ascontiguousarray(col).astype(col.dtype.newbyteorder("<"), copy=False).tobytes())
+        h.update(b"|pending|")
+        for k, v in self.pending_items():
+            h.update(struct.pack(">I", len(k)) + k + struct.pack(">I", len(v)) + v)
+        h.update(b"|offsets|")
+        for group in sorted(self.groups()):
+            for (topic, part), off in sorted(self.offsets(group).items()):
+                h.update(f"{group}/{topic}/{part}={off};".encode())
+        return h.hexdigest()
+
+    @abstractmethod
+    def groups(self) -> list[str]:
+        """Consumer groups with stored offsets."""
+
+    def stats(self) -> Mapping[str, int | float | str]:
+        n_users = 0
+        n_beh = 0
+        longest = 0
+        for u in self.users():
+            n = len(self.read(u))
+            n_users += 1
+            n_beh += n
+            longest = max(longest, n)
+        n_pending = sum(1 for _ in self.pending_items())
+        return {
+            "users": n_users,
+            "behaviors": n_beh,
+            "longest_sequence": longest,
+            "pending_impressions": n_pending,
+            "cap": self.cap,
+        }
+
+    def __enter__(self) -> SequenceStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,176 @@
+"""LMDB sequence store: the embedded default.
+
+One writer process (the worker) and any number of concurrent reader processes (trainer, scorer):
+LMDB readers see a consistent MVCC snapshot per read transaction and never block the writer.
+Each :meth:`commit` is one write transaction, durable (fsync) when it returns.
+
+Layout (named databases): ``pos`` user -> (start, end); ``seq`` user‖chunk -> columnar chunk
+(see ``serialization``); ``pending`` opaque worker keys; ``offsets`` group‖topic‖partition ->
+next offset; ``meta`` small worker values and the store's format record.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import lmdb
+
+from pipeline.exceptions import StoreConfigError
+from pipeline.state._chunks import clip, plan_append, read_range, tail_chunk_index
+from pipeline.state.base import DEFAULT_LIFELONG_CAP, Behaviors, SequenceStore, StateDelta, empty_behaviors
+from pipeline.state.serialization import CHUNK_ROWS, decode_chunk, decode_pos, encode_chunk, encode_pos
+
+__all__ = ["LmdbSequenceStore"]
+
+#: Virtual address space reserved for the map. Sparse on Linux: disk use grows with data, not with
+#: this number. 1 TiB holds ~40 billion behaviors; raise it with ``?map_size=`` for more.
+DEFAULT_MAP_SIZE = 1 << 40
+
+_FORMAT_KEY = b"__format__"
+
+
+def _seq_key(user: int, chunk: int) -> bytes:
+    return struct.pack(">QI", user, chunk)
+
+
+def _user_key(user: int) -> bytes:
+    return struct.pack(">Q", user)
+
+
+def offset_key(group: str, topic: str, partition: int) -> bytes:
+    return f"{group}\x00{topic}\x00".encode() + struct.pack(">I", partition)
+
+
+def parse_offset_key(k: bytes) -> tuple[str, str, int]:
+    g, t, rest = k.split(b"\x00", 2)
+    return g.decode(), t.decode(), struct.unpack(">I", rest)[0]
+
+
+class LmdbSequenceStore(SequenceStore):
+    def __init__(self, path: str | os.PathLike[str], cap: int = DEFAULT_LIFELONG_CAP,
+                 map_size: int = DEFAULT_MAP_SIZE, readonly: bool = False) -> None:
+        self.path = Path(path)
+        self.cap = int(cap)
+        if self.cap <= 0:
+            raise StoreConfigError(f"lifelong cap must be positive, got {cap}")
+        if readonly and not (self.path / "data.mdb").exists():
+            raise StoreConfigError(f"no LMDB store at {self.path} (start the worker first)")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.env = lmdb.open(str(self.path), map_size=map_size, max_dbs=8, readonly=readonly,
+                             lock=True, readahead=False, max_readers=512)
+        self._pos = self.env.open_db(b"pos", create=not readonly)
+        self._seq = self.env.open_db(b"seq", create=not readonly)
+        self._pending = self.env.open_db(b"pending", create=not readonly)
+        self._offsets = self.env.open_db(b"offsets", create=not readonly)
+        self._meta = self.env.open_db(b"meta", create=not readonly)
+        fmt = f"chunk_rows={CHUNK_ROWS}".encode()
+        with self.env.begin(write=not readonly, db=self._meta) as txn:
+            have = txn.get(_FORMAT_KEY)
+            if have is None and not readonly:
+                txn.put(_FORMAT_KEY, fmt)
+            elif have is not None and bytes(have) != fmt:
+                raise StoreConfigError(f"store at {self.path} has format {bytes(have).decode()}, code expects "
+                                       f"{fmt.decode()}; rebuild the store")
+
+    # ---- reads --------------------------------------------------------------------------------
+    def _read_txn(self, txn: lmdb.Transaction, user: int, end: int | None, max_len: int | None) -> Behaviors:
+        start, stop = decode_pos(txn.get(_user_key(user), db=self._pos))
+        lo, hi = read_range(start, stop, end, max_len)
+        if hi <= lo:
+            return empty_behaviors(lo)
+        parts: list[Behaviors] = []
+        cur = txn.cursor(db=self._seq)
+        first, last = lo // CHUNK_ROWS, (hi - 1) // CHUNK_ROWS
+        if cur.set_key(_seq_key(user, first)):
+            for ci in range(first, last + 1):
+                buf = cur.value()
+                parts.append(decode_chunk(buf, ci * CHUNK_ROWS))
+                if ci < last and not cur.next():
+                    break
+        return clip(Behaviors.concat(parts), lo, hi)
+
+    def read(self, user: int, end: int | None = None, max_len: int | None = None) -> Behaviors:
+        with self.env.begin(buffers=True) as txn:
+            return self._read_txn(txn, user, end, max_len)
+
+    def read_many(self, users: Sequence[int], ends: Sequence[int | None],
+                  max_len: int | None = None) -> list[Behaviors]:
+        with self.env.begin(buffers=True) as txn:
+            return [self._read_txn(txn, u, e, max_len) for u, e in zip(users, ends, strict=True)]
+
+    def length(self, user: int) -> int:
+        with self.env.begin() as txn:
+            return decode_pos(txn.get(_user_key(user), db=self._pos))[1]
+
+    def offsets(self, group: str) -> dict[tuple[str, int], int]:
+        out: dict[tuple[str, int], int] = {}
+        prefix = f"{group}\x00".encode()
+        with self.env.begin(db=self._offsets) as txn:
+            cur = txn.cursor()
+            if cur.set_range(prefix):
+                for k, v in cur:
+                    if not k.startswith(prefix):
+                        break
+                    _, t, p = parse_offset_key(k)
+                    out[(t, p)] = struct.unpack(">Q", v)[0]
+        return out
+
+    def groups(self) -> list[str]:
+        with self.env.begin(db=self._offsets) as txn:
+            return sorted({parse_offset_key(k)[0] for k, _ in txn.cursor()})
+
+    def pending_items(self, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        with self.env.begin(db=self._pending) as txn:
+            cur = txn.cursor()
+            items: list[tuple[bytes, bytes]] = []
+            if cur.set_range(prefix):
+                for k, v in cur:
+                    if not k.startswith(prefix):
+                        break
+                    items.append((bytes(k), bytes(v)))
+        yield from items
+
+    def get_meta(self, key: bytes) -> bytes | None:
+        with self.env.begin(db=self._meta) as txn:
+            v = txn.get(key)
+            return None if v is None else bytes(v)
+
+    def users(self) -> Iterator[int]:
+        with self.env.begin(db=self._pos) as txn:
+            keys = [struct.unpack(">Q", k)[0] for k in txn.cursor().iternext(keys=True, values=False)]
+        yield from keys
+
+    # ---- the one write path ---------------------------------------------------------------------
+    def commit(self, delta: StateDelta) -> None:
+        with self.env.begin(write=True) as txn:
+            for user, new in delta.appends.items():
+                if not len(new):
+                    continue
+                uk = _user_key(user)
+                start, end = decode_pos(txn.get(uk, db=self._pos))
+                tci = tail_chunk_index(end)
+                tail = None
+                if tci is not None:
+                    buf = txn.get(_seq_key(user, tci), db=self._seq)
+                    if buf is not None:
+                        tail = decode_chunk(buf, tci * CHUNK_ROWS)
+                plan = plan_append(start, end, tail, new, self.cap)
+                for ci, chunk in plan.writes.items():
+                    txn.put(_seq_key(user, ci), encode_chunk(chunk), db=self._seq)
+                for ci in plan.deletes:
+                    txn.delete(_seq_key(user, ci), db=self._seq)
+                txn.put(uk, encode_pos(plan.start, plan.end), db=self._pos)
+            for k in delta.pending_del:
+                txn.delete(k, db=self._pending)
+            for k, v in delta.pending_put.items():
+                txn.put(k, v, db=self._pending)
+            for (topic, part), off in delta.offsets.items():
+                txn.put(offset_key(delta.group, topic, part), struct.pack(">Q", off), db=self._offsets)
+            for k, v in delta.meta.items():
+                txn.put(k, v, db=self._meta)
+
+    def close(self) -> None:
+        self.env.close()

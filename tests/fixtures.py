@@ -1,0 +1,1 @@
+"""Shared test fixtures (factories); subpackage fixtures live beside their tests."""
