@@ -100,6 +100,8 @@ class DecodedBatch:
     ts: np.ndarray  # (n,) int64 ms
     request_id: list[str | None]  # (n,)
     user_raw: list[str]  # (n,) original user id as a string (for samples)
+    item_raw: list[str]  # (n,) original item id
+    cat_raw: list[str]  # (n,) original category id ("" when absent)
     partition: np.ndarray  # (n,) int32 source partition
     offset: np.ndarray  # (n,) int64 source offset
     context: list[dict[str, Any] | None] = field(default_factory=list)
@@ -179,6 +181,8 @@ def decode_batch(records: Sequence[RawRecord]) -> tuple[DecodedBatch, list[DeadL
     tss: list[int] = []
     rids: list[str | None] = []
     raws: list[str] = []
+    item_raws: list[str] = []
+    cat_raws: list[str] = []
     parts: list[int] = []
     offs: list[int] = []
     ctxs: list[dict[str, Any] | None] = []
@@ -206,6 +210,8 @@ def decode_batch(records: Sequence[RawRecord]) -> tuple[DecodedBatch, list[DeadL
         tss.append(ts)
         rids.append(rid)
         raws.append(user)
+        item_raws.append(item)
+        cat_raws.append(cat or "")
         parts.append(rec.partition)
         offs.append(rec.offset)
         ctxs.append(ctx)
@@ -218,6 +224,8 @@ def decode_batch(records: Sequence[RawRecord]) -> tuple[DecodedBatch, list[DeadL
         ts=np.asarray(tss, dtype=np.int64),
         request_id=rids,
         user_raw=raws,
+        item_raw=item_raws,
+        cat_raw=cat_raws,
         partition=np.asarray(parts, dtype=np.int32),
         offset=np.asarray(offs, dtype=np.int64),
         context=ctxs,

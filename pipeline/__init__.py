@@ -1,0 +1,1 @@
+"""ctrstream stream side: events, sequence stores, the stream worker."""

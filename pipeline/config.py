@@ -1,0 +1,83 @@
+"""Process settings: typed, frozen, validated at start-up (STYLE R11).
+
+Precedence, highest first: command-line flags, ``CTRSTREAM_*`` environment variables, a TOML file
+(``--config``; its ``[worker]``/``[trainer]``/``[serve]``… table, or top-level keys), then the
+defaults declared here. Defaults live in one place: these classes. A bad value fails at start-up
+with ONE readable line (:func:`load_settings` raises :class:`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from pipeline.exceptions import ConfigError
+
+__all__ = ["CommonSettings", "WorkerSettings", "ProduceSettings", "load_settings", "DEFAULT_STORE"]
+
+DEFAULT_STORE = "lmdb://./.ctrstream/store"
+S = TypeVar("S", bound=BaseSettings)
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CTRSTREAM_", frozen=True, extra="forbid")
+
+    bootstrap_servers: str = "127.0.0.1:9092"  # Kafka bootstrap (host:port[,host:port])
+    events_topic: str = "events"  # raw events, key = user id
+    samples_topic: str = "samples"  # labeled samples published by the worker
+    dlq_topic: str = "events.dlq"  # rejected events with reasons
+    kafka_client: Literal["kafka-python", "confluent"] = "kafka-python"  # client library
+
+
+class WorkerSettings(CommonSettings):
+    store: str = DEFAULT_STORE  # lmdb:///path | redis://host:port/db
+    group_id: str = "ctrstream-worker"  # consumer group (partitions are spread over its members)
+    attribution_window_ms: int = Field(30 * 60 * 1000, gt=0)  # a click counts within this event time
+    allowed_lateness_ms: int = Field(5_000, ge=0)  # watermark = max event time seen - this
+    max_poll_records: int = Field(5_000, gt=0)  # records per batch (one store transaction each)
+    poll_timeout_ms: int = Field(500, gt=0)  # how long one poll waits for records
+    exit_when_idle: float | None = Field(None, gt=0)  # stop after this many seconds with no record
+    drain_on_exit: bool = False  # on idle exit, label every pending impression (bounded replays)
+    max_poll_interval_ms: int = Field(300_000, gt=0)  # Kafka group liveness; tests lower it
+    session_timeout_ms: int = Field(10_000, gt=0)  # Kafka group session timeout
+    lifelong_cap: int = Field(100_000, gt=0)  # behaviors kept per user
+
+
+class ProduceSettings(CommonSettings):
+    partitions: int = Field(4, gt=0)  # partitions of the events topic when it is created
+    limit: int | None = Field(None, gt=0)  # stop after this many events
+
+
+def load_settings(cls: type[S], cli: dict[str, Any], config: str | Path | None = None,
+                  section: str | None = None) -> S:
+    """Build ``cls`` from CLI values (None = not given), env vars, an optional TOML file, defaults."""
+    toml_vals: dict[str, Any] = {}
+    if config:
+        try:
+            data = tomllib.loads(Path(config).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"cannot read config file {config}: {e}") from None
+        toml_vals = {k: v for k, v in data.items() if not isinstance(v, dict)}
+        if section and isinstance(data.get(section), dict):
+            toml_vals.update(data[section])
+        names = set(cls.model_fields)
+        toml_vals = {k.replace("-", "_"): v for k, v in toml_vals.items() if k.replace("-", "_") in names}
+
+    class _WithToml(cls):  # type: ignore[valid-type,misc]
+        @classmethod
+        def settings_customise_sources(cls_, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                       env_settings: PydanticBaseSettingsSource, *_: Any) -> tuple[Any, ...]:
+            return init_settings, env_settings, InitSettingsSource(settings_cls, toml_vals)
+
+    given = {k: v for k, v in cli.items() if v is not None and k in cls.model_fields}
+    try:
+        merged = _WithToml(**given)
+        return cls.model_validate(merged.model_dump())
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"]) or "settings"
+        raise ConfigError(f"invalid setting '{loc}': {err['msg']} (got {err.get('input')!r:.60})") from None

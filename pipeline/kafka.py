@@ -1,0 +1,129 @@
+"""The few Kafka calls the pipeline needs, behind a small adapter (poll a batch, seek, commit,
+produce). ``kafka-python`` is the default client; ``confluent`` (librdkafka) is optional and faster.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from pipeline.events import RawRecord
+
+__all__ = ["ConsumerAdapter", "ProducerAdapter", "make_consumer", "make_producer", "TopicPartitionT"]
+
+log = logging.getLogger(__name__)
+TopicPartitionT = tuple[str, int]
+RebalanceCb = Callable[[list[TopicPartitionT]], None]
+
+
+class ConsumerAdapter(Protocol):
+    def poll_batch(self, max_records: int, timeout_ms: int) -> list[RawRecord]: ...
+    def seek(self, tp: TopicPartitionT, offset: int) -> None: ...
+    def assignment(self) -> list[TopicPartitionT]: ...
+    def commit(self, offsets: dict[TopicPartitionT, int]) -> None: ...
+    def close(self) -> None: ...
+
+
+class ProducerAdapter(Protocol):
+    def send(self, topic: str, key: bytes | None, value: bytes) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class _KafkaPythonConsumer:
+    def __init__(self, bootstrap: str, topics: Iterable[str], group_id: str | None,
+                 on_assign: RebalanceCb | None, on_revoke: RebalanceCb | None,
+                 max_poll_interval_ms: int, session_timeout_ms: int, max_poll_records: int) -> None:
+        from kafka import ConsumerRebalanceListener, KafkaConsumer
+
+        self._c = KafkaConsumer(
+            bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False,
+            auto_offset_reset="earliest", max_poll_records=max_poll_records,
+            max_poll_interval_ms=max_poll_interval_ms, session_timeout_ms=session_timeout_ms,
+            heartbeat_interval_ms=max(100, session_timeout_ms // 4),
+            fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20,
+            reconnect_backoff_max_ms=2000,
+        )
+
+        class _L(ConsumerRebalanceListener):
+            def on_partitions_revoked(self, revoked):  # type: ignore[no-untyped-def]
+                if on_revoke:
+                    on_revoke([(tp.topic, tp.partition) for tp in revoked])
+
+            def on_partitions_assigned(self, assigned):  # type: ignore[no-untyped-def]
+                if on_assign:
+                    on_assign([(tp.topic, tp.partition) for tp in assigned])
+
+        self._c.subscribe(list(topics), listener=_L())
+
+    def poll_batch(self, max_records: int, timeout_ms: int) -> list[RawRecord]:
+        polled = self._c.poll(timeout_ms=timeout_ms, max_records=max_records)
+        out: list[RawRecord] = []
+        for tp, recs in polled.items():
+            out.extend(RawRecord(tp.topic, tp.partition, r.offset, r.key, r.value) for r in recs)
+        return out
+
+    def seek(self, tp: TopicPartitionT, offset: int) -> None:
+        from kafka import TopicPartition
+
+        self._c.seek(TopicPartition(*tp), offset)
+
+    def assignment(self) -> list[TopicPartitionT]:
+        return sorted((tp.topic, tp.partition) for tp in self._c.assignment())
+
+    def commit(self, offsets: dict[TopicPartitionT, int]) -> None:
+        from kafka import OffsetAndMetadata, TopicPartition
+
+        if not offsets:
+            return
+        try:
+            self._c.commit({TopicPartition(*tp): OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
+        except Exception as e:  # noqa: BLE001 - broker-side offsets are informational (lag); state is truth
+            log.warning("broker offset commit failed (state offsets are authoritative): %s", e)
+
+    def close(self) -> None:
+        self._c.close(autocommit=False)
+
+
+class _KafkaPythonProducer:
+    def __init__(self, bootstrap: str) -> None:
+        from kafka import KafkaProducer
+
+        self._p = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, batch_size=1 << 20,
+                                max_request_size=16 << 20, acks="all", retries=10,
+                                reconnect_backoff_max_ms=2000)
+
+    def send(self, topic: str, key: bytes | None, value: bytes) -> None:
+        self._p.send(topic, key=key, value=value)
+
+    def flush(self) -> None:
+        self._p.flush()
+
+    def close(self) -> None:
+        self._p.close()
+
+
+def make_consumer(client: str, bootstrap: str, topics: Iterable[str], group_id: str | None = None, *,
+                  on_assign: RebalanceCb | None = None, on_revoke: RebalanceCb | None = None,
+                  max_poll_interval_ms: int = 300_000, session_timeout_ms: int = 10_000,
+                  max_poll_records: int = 5000) -> ConsumerAdapter:
+    if client == "kafka-python":
+        return _KafkaPythonConsumer(bootstrap, topics, group_id, on_assign, on_revoke,
+                                    max_poll_interval_ms, session_timeout_ms, max_poll_records)
+    if client == "confluent":
+        from pipeline._confluent import ConfluentConsumer
+
+        return ConfluentConsumer(bootstrap, topics, group_id, on_assign, on_revoke,
+                                 max_poll_interval_ms, session_timeout_ms)
+    raise ValueError(f"unknown kafka client {client!r} (kafka-python | confluent)")
+
+
+def make_producer(client: str, bootstrap: str) -> ProducerAdapter:
+    if client == "kafka-python":
+        return _KafkaPythonProducer(bootstrap)
+    if client == "confluent":
+        from pipeline._confluent import ConfluentProducer
+
+        return ConfluentProducer(bootstrap)
+    raise ValueError(f"unknown kafka client {client!r} (kafka-python | confluent)")
