@@ -11,11 +11,13 @@ user row ``u = user_index[b]``::
 (papers.md §2(a) 3: "û_g = u_g / ‖u_g‖₂"; dividing by the count would be ℓ1-style mean pooling,
 which the authors reportedly found worse). ``counts`` are therefore not needed here; they are
 kept in the bucket table for serving diagnostics and incremental updates. An empty bucket has
-``v_g = 0`` and ``v̂_g = 0`` (the paper does not say; the guard ``max(‖v‖, eps)`` with
-``eps = 1e-12`` makes the zero vector and its gradient exactly 0, never NaN).
+``v_g = 0`` and ``v̂_g = 0`` (the paper does not say). Precisely: ``v̂_g = v_g/‖v_g‖`` when
+``‖v_g‖ > eps`` (``eps = 1e-12``) and ``0`` otherwise, so an empty bucket yields exactly 0 with a
+zero gradient (``F.normalize``'s ``v/max(‖v‖, eps)`` would give the same value but a 1e12-scaled
+gradient into an empty bucket).
 
-Cross-check against FuxiCTR (R2), ``reczoo/FuxiCTR model_zoo/LongCTR/SDIM/SDIM.py``
-``lsh_attentioin``: FuxiCTR sums the collided history rows per (hash group, sample) with
+Cross-check against FuxiCTR (R2), ``model_zoo/LongCTR/SDIM/SDIM.py`` ``lsh_attentioin`` read at
+reczoo/FuxiCTR 5c0c308 (by reading, not run side by side): FuxiCTR sums the collided history rows per (hash group, sample) with
 ``embedding_bag(mode='sum')``, optionally applies ``F.normalize`` (ℓ2, eps 1e-12, flag ``l2_norm``
 whose default is False) and takes ``.mean(0)`` over the hash groups. Our output equals FuxiCTR's
 with ``l2_norm=True`` (the paper's choice); with FuxiCTR's default ``l2_norm=False`` it would be
@@ -55,5 +57,7 @@ def sdim_gather(
     groups = torch.arange(g, device=sums.device)
     v = sums[user_index.view(b, 1), groups.view(1, g), cand_codes].to(dtype)  # (B, G, d)
     sq = (v.float() * v.float()).sum(-1, keepdim=True)  # (B, G, 1) fp32
-    inv = torch.rsqrt(torch.clamp(sq, min=SDIM_NORM_EPS * SDIM_NORM_EPS)).to(dtype)
+    nonempty = sq > SDIM_NORM_EPS * SDIM_NORM_EPS
+    inv = torch.where(nonempty, torch.rsqrt(torch.where(nonempty, sq, torch.ones_like(sq))),
+                      torch.zeros_like(sq)).to(dtype)  # (B, G, 1); 0 for an empty bucket
     return (v * inv).mean(dim=1)  # (B, d)

@@ -38,8 +38,19 @@ Activation API (elementwise per hidden channel, so it fuses):
 Gradients flow to query, keys, w1, b1, w2, b2 and alpha. Padding never contributes: padded keys
 are replaced by 0 with ``torch.where`` before use.
 
-Cross-check against FuxiCTR (R2), ``fuxictr/pytorch/layers/attentions/target_attention.py``
-``DIN_Attention``: see docs/kernels.md §target_attention for what was and was not verified.
+Cross-check against FuxiCTR (R2), read at reczoo/FuxiCTR 0245987
+``fuxictr/pytorch/layers/attentions/target_attention.py`` ``DIN_Attention`` and
+``fuxictr/pytorch/layers/activations.py`` ``Dice``: FuxiCTR feeds ``cat([t, h, t−h, t⊙h])`` to an
+MLP (hidden units, activation, then a bias-carrying ``Linear(·, 1)`` with no output activation),
+multiplies the weights by the mask, optionally softmaxes (padding at −1e9) and returns
+``Σ_l w_l·h_l``. With one hidden layer this is exactly our math: same input layout and order, same
+no-softmax default. Its ``Dice`` is ``p = sigmoid(BatchNorm1d(affine=False, eps=1e-9)(x))``,
+``p·x + alpha·(1−p)·x``; in eval mode that is our ``"dice"`` with ``dice_mean/dice_var`` = the BN
+running stats and ``dice_eps`` = its eps. Two deliberate differences: (1) with ``softmax=True`` a
+row with no real behavior gives 0 here, while FuxiCTR's −1e9 fill gives a uniform average of the
+padding rows; (2) FuxiCTR's training-mode Dice takes batch statistics over all B·L rows,
+padding included; this op never lets padding influence anything. Not run side by side (FuxiCTR
+is not installed here); the comparison is by reading the code.
 """
 
 from __future__ import annotations

@@ -1,0 +1,75 @@
+"""Shared launch helpers (STYLE R7): block-size/num_warps choice and launcher-side checks."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+__all__ = [
+    "LaunchConfig",
+    "MAX_FUSED_SIZE",
+    "assert_contiguous",
+    "assert_shape",
+    "calculate_settings",
+    "interpreting",
+    "pow2_at_least",
+]
+
+MAX_FUSED_SIZE = 65536  # largest feature width one program handles in a single tile (Liger's limit)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Decisions a launcher made, kept on ``ctx`` so backward reuses them (Liger ``_softmax_forward``)."""
+
+    block_size: int  # the main tile width (feature dim or sequence tile)
+    num_warps: int
+    grid: tuple[int, ...]
+    extra: tuple[tuple[str, int], ...] = ()  # other constexpr choices, e.g. (("BLOCK_L", 64),)
+
+    def get(self, name: str) -> int:
+        return dict(self.extra)[name]
+
+
+def interpreting() -> bool:
+    """True when Triton runs under its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def pow2_at_least(n: int, minimum: int = 1) -> int:
+    """Smallest power of two ≥ max(n, minimum)."""
+    return max(int(triton.next_power_of_2(max(int(n), 1))), minimum)
+
+
+def calculate_settings(n: int, minimum: int = 16) -> tuple[int, int]:
+    """(BLOCK_SIZE, num_warps) for a tile covering ``n`` elements of one row (Liger convention)."""
+    block = pow2_at_least(n, minimum)
+    if block > MAX_FUSED_SIZE:
+        raise ValueError(f"feature width {n} exceeds the fused limit {MAX_FUSED_SIZE}")
+    num_warps = 4
+    if block >= 32768:
+        num_warps = 32
+    elif block >= 8192:
+        num_warps = 16
+    elif block >= 2048:
+        num_warps = 8
+    return block, num_warps
+
+
+def assert_contiguous(**tensors: torch.Tensor | None) -> None:
+    """Every given tensor is contiguous with a stride-1 last dim (FA ``_layer_norm_fwd`` checks)."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
+        if t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a stride-1 last dim")
+
+
+def assert_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
