@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of ``scorer.proto`` (regenerate with ``make protos``; do not edit)."""
