@@ -18,8 +18,9 @@ deterministic ``sample_id`` (request id + item), which the trainer recognises an
 
 Policies (tested): events are applied in arrival order per partition; a behavior older than the
 watermark is still appended (a sequence is arrival-ordered); a duplicate impression (same request
-and item) while one is pending is ignored; a click after its impression was labeled is counted as
-late and dropped; a click outside the attribution window does not label the impression (it is
+and item) while one is pending is ignored; a click that matches no pending impression (it came
+after its impression was labeled, or its impression never came) waits one attribution window, then
+is counted in ``unmatched_clicks`` and dropped; a click outside the attribution window does not label the impression (it is
 still a behavior).
 """
 
@@ -47,6 +48,9 @@ __all__ = ["StreamWorker", "WorkerStats", "run_worker", "sample_id"]
 
 log = logging.getLogger(__name__)
 _CLICK_ACTION = ACTIONS["click"]
+#: With --exit-when-idle, how long to wait for a first partition assignment before giving up. A group
+#: join takes up to max_poll_interval_ms on the embedded broker; a minute covers every sane setting.
+NO_ASSIGNMENT_GIVE_UP_S = 60.0
 
 
 def sample_id(request_id: str, item_hash: int) -> str:
@@ -86,7 +90,7 @@ class WorkerStats:
     positives: int = 0
     dead_letters: int = 0
     duplicate_impressions: int = 0
-    late_clicks: int = 0
+    unmatched_clicks: int = 0
     batches: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -137,8 +141,8 @@ class StreamWorker:
             plen = len(self._prefix(tp))
             for k, v in self.store.pending_items(self._prefix(tp)):
                 kind = k[plen:plen + 1]
-                rid, item_b = k[plen + 1:].rsplit(b"\x00", 1)
-                key = (rid.decode(), struct.unpack(">Q", item_b)[0])
+                # layout: prefix | kind (1) | request id | \x00 | item (8, big-endian)
+                key = (k[plen + 1:-9].decode(), struct.unpack(">Q", k[-8:])[0])
                 if kind == b"I":
                     p = _Pending.decode(v)
                     st.pending[key] = p
@@ -267,7 +271,7 @@ class StreamWorker:
             for key, cts in list(st.orphans.items()):
                 if drain or cts + w < limit:
                     del st.orphans[key]
-                    self.stats.late_clicks += 1
+                    self.stats.unmatched_clicks += 1
                     k = self._pkey(tp, b"C", *key)
                     delta.pending_put.pop(k, None)
                     delta.pending_del.add(k)
@@ -312,7 +316,11 @@ def run_worker(settings: WorkerSettings, *, stop: threading.Event | None = None,
     consumer_ref: list[ConsumerAdapter] = []
     pending_seeks: dict[TopicPartitionT, int] = {}
 
+    assigned_at: list[float] = []
+
     def on_assign(tps: list[TopicPartitionT]) -> None:
+        if not assigned_at:
+            assigned_at.append(time.monotonic())
         pending_seeks.update(worker.assign(tps))
         if consumer_ref:
             for tp, off in pending_seeks.items():
@@ -325,10 +333,13 @@ def run_worker(settings: WorkerSettings, *, stop: threading.Event | None = None,
                              session_timeout_ms=settings.session_timeout_ms,
                              max_poll_records=settings.max_poll_records)
     consumer_ref.append(consumer)
-    last_data = time.monotonic()
+    started = time.monotonic()
+    last_data = 0.0
     try:
         while not stop.is_set():
             records = consumer.poll_batch(settings.max_poll_records, settings.poll_timeout_ms)
+            if not last_data and assigned_at:
+                last_data = assigned_at[0]  # idleness counts from the first partition assignment
             if pending_seeks:
                 for tp, off in pending_seeks.items():
                     consumer.seek(tp, off)
@@ -339,9 +350,13 @@ def run_worker(settings: WorkerSettings, *, stop: threading.Event | None = None,
                 last_data = time.monotonic()
                 if on_batch:
                     on_batch(worker.stats)
-            elif settings.exit_when_idle and time.monotonic() - last_data > settings.exit_when_idle:
-                log.info("idle for %.1fs, exiting", settings.exit_when_idle)
-                break
+            elif settings.exit_when_idle:
+                if last_data and time.monotonic() - last_data > settings.exit_when_idle:
+                    log.info("idle for %.1fs, exiting", settings.exit_when_idle)
+                    break
+                if not last_data and time.monotonic() - started > NO_ASSIGNMENT_GIVE_UP_S + settings.exit_when_idle:
+                    log.warning("no partition assigned after %.0fs, exiting", time.monotonic() - started)
+                    break
         if settings.drain_on_exit:
             worker.drain()
             if on_batch:
