@@ -83,17 +83,17 @@ def dare_search(
         safe_idx = torch.where(valid, top, torch.zeros_like(top))
         top_idx = torch.where(valid, top, torch.full_like(top, -1))
     users = user_index.view(b, 1)
-    k_sel = keys.to(dtype)[users, safe_idx]  # (B, K, da)
-    v_sel = values.to(dtype)[users, safe_idx]  # (B, K, dr)
+    keep = valid.unsqueeze(-1)  # (B, K, 1); `where`, not a product, so NaN padding cannot leak
+    k_sel = torch.where(keep, keys.to(dtype)[users, safe_idx], 0.0)  # (B, K, da)
+    v_sel = torch.where(keep, values.to(dtype)[users, safe_idx], 0.0)  # (B, K, dr)
     sel_logits = (q.unsqueeze(1) * k_sel).sum(-1)  # (B, K), differentiable
     if pos_logits is not None:
-        sel_logits = sel_logits + pos_logits.to(dtype)[safe_idx]
+        sel_logits = sel_logits + torch.where(valid, pos_logits.to(dtype)[safe_idx], 0.0)
     sel_logits = sel_logits.masked_fill(~valid, float("-inf"))
     row_max = sel_logits.max(dim=-1, keepdim=True).values.detach()  # (B, 1)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     e = torch.exp(sel_logits - row_max)  # (B, K), 0 on invalid slots
     denom = e.sum(-1, keepdim=True)
     w = torch.where(denom > 0, e / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(e))
-    v_sel = torch.where(valid.unsqueeze(-1), v_sel, torch.zeros_like(v_sel))
     out = torch.einsum("bk,bkd->bd", w, v_sel)  # (B, dr)
     return out, top_idx, w.detach()
