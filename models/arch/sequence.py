@@ -1,0 +1,211 @@
+"""Long-sequence modules: SDIM hash sampling and DARE decoupled top-K search.
+
+Every long-sequence module has the same two-step interface, which is what lets the scorer encode a
+user once and score hundreds of candidates against it:
+
+- ``encode(hist_emb (U, L, d), batch) -> dict[str, Tensor]``: the per-history-row work, done once
+  per user (SDIM: hash codes → bucket sums; DARE: attention keys);
+- ``forward(encoded, target (B, d), batch, labels=None) -> (features (B, out_dim), aux_losses)``:
+  the per-candidate work. ``aux_losses`` is filled only in training when ``labels`` are given.
+
+``hist_emb`` is the ranker's shared item embedding of the history (most recent first, padded at the
+end); ``batch`` supplies the mask, ids and ``user_index``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.arch.layers import EMBEDDING_INIT_STD, MLP
+from models.base import BackendModule
+from models.config import DAREConfig, SDIMConfig
+from models.features import Batch, FeatureSpec
+from triton_kernels import dare_search, sdim_bucket_sums, sdim_gather, sdim_hash
+
+__all__ = ["DARESequenceArch", "SDIMSequenceArch", "dare_position_buckets", "full_softmax_attention"]
+
+
+class SDIMSequenceArch(BackendModule):
+    """SDIM: multi-round SimHash sampling over the long sequence (papers.md §2(a)).
+
+    A fixed random projection ``R (d, G·τ)`` (seeded, a buffer: saved with the model and identical
+    in training and serving; pitfalls 5, 8) gives every embedding ``G`` τ-bit codes. Per user the
+    behaviors are summed per (group, code) bucket once (the BSE step, pitfall 10); a candidate
+    then gathers, per group, the bucket it hashes into, ℓ2-normalises it (empty bucket → 0,
+    pitfall 7) and averages over groups. No parameters: gradients reach the behavior embeddings
+    through the sums, none reach the candidate (pitfall 9 — the ranker keeps the target in the
+    MLP input and the short attention).
+
+    Args:
+        dim (int): behavior/candidate embedding width d.
+        config (SDIMConfig): ``num_hashes`` G, ``hash_bits`` τ, projection ``seed``.
+
+    Example:
+        >>> arch = SDIMSequenceArch(8, SDIMConfig(num_hashes=4, hash_bits=2))
+        >>> hist, mask = torch.randn(2, 10, 8), torch.ones(2, 10, dtype=torch.bool)
+        >>> batch = Batch(*(torch.zeros(2, 10, dtype=torch.long),) * 3, mask,
+        ...               torch.ones(3, dtype=torch.long), torch.ones(3, dtype=torch.long),
+        ...               torch.tensor([0, 1, 1]))
+        >>> out, aux = arch(arch.encode(hist, batch), torch.randn(3, 8), batch)
+        >>> assert out.shape == (3, 8)
+    """
+
+    def __init__(self, dim: int, config: SDIMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.out_dim = dim
+        gen = torch.Generator().manual_seed(config.seed)
+        projection = torch.randn(dim, config.num_hashes * config.hash_bits, generator=gen)  # (d, G·τ)
+        self.register_buffer("projection", projection)
+
+    def codes(self, emb: torch.Tensor) -> torch.Tensor:
+        """Bucket codes of ``emb (N, L, d)`` → ``(N, L, G)`` int64 in ``[0, 2**τ)``."""
+        return sdim_hash(emb, self.projection, num_hashes=self.config.num_hashes,
+                         hash_bits=self.config.hash_bits, backend=self.backend)
+
+    def bucket_table(self, emb: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-user bucket sums ``(U, G, 2**τ, d)`` and counts ``(U, G, 2**τ)`` of ``emb``."""
+        sums, counts = sdim_bucket_sums(emb, self.codes(emb), mask, hash_bits=self.config.hash_bits,
+                                        backend=self.backend)
+        return {"sdim_sums": sums, "sdim_counts": counts}
+
+    def encode(self, hist_emb: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        return self.bucket_table(hist_emb, batch.hist_mask)
+
+    def extend(self, encoded: dict[str, torch.Tensor], new_emb: torch.Tensor,
+               new_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The bucket table with new behaviors ``new_emb (U, n, d)`` added (sums are additive)."""
+        new = self.bucket_table(new_emb, new_mask)
+        return {"sdim_sums": encoded["sdim_sums"] + new["sdim_sums"],
+                "sdim_counts": encoded["sdim_counts"] + new["sdim_counts"]}
+
+    def forward(self, encoded: dict[str, torch.Tensor], target: torch.Tensor, batch: Batch,
+                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cand_codes = self.codes(target.unsqueeze(1)).squeeze(1)  # (B, G)
+        out = sdim_gather(encoded["sdim_sums"], encoded["sdim_counts"], cand_codes, batch.user_index,
+                          backend=self.backend)  # (B, d)
+        return out, {}
+
+
+def dare_position_buckets(positions: torch.Tensor, exact: int) -> torch.Tensor:
+    """Relative position (1 = most recent behavior, 0 = the target) → embedding id.
+
+    Positions up to ``exact`` keep their own id (DARE's public setup: 1..200 exact); beyond, ids are
+    log-spaced with 8 per doubling, so a 100,000-long lifelong sequence needs ~100 more rows
+    instead of 100,000 mostly-untrained ones.
+    """
+    p = positions.to(torch.float64).clamp(min=1.0)
+    log_ids = exact + torch.ceil(8.0 * torch.log2(p / exact)).to(torch.int64)
+    return torch.where(positions <= exact, positions.to(torch.int64), log_ids)
+
+
+def full_softmax_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                           mask: torch.Tensor, user_index: torch.Tensor,
+                           pos_logits: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention over every real behavior, the same logits as ``dare_search``:
+    query (B, da), keys (U, L, da), values (U, L, dr), mask (U, L) → (B, dr); no row → 0."""
+    k = keys.index_select(0, user_index)  # (B, L, da)
+    logits = torch.einsum("bd,bld->bl", query, k)  # (B, L)
+    if pos_logits is not None:
+        logits = logits + pos_logits.view(1, -1)
+    real = mask.index_select(0, user_index)  # (B, L)
+    logits = logits.masked_fill(~real, float("-inf"))
+    w = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # all-padding rows → 0
+    v = values.index_select(0, user_index)  # (B, L, dr)
+    v = torch.where(real.unsqueeze(-1), v, torch.zeros((), dtype=v.dtype, device=v.device))
+    return torch.einsum("bl,bld->bd", w, v)
+
+
+class DARESequenceArch(BackendModule):
+    """DARE: decoupled attention and representation embeddings with top-K search (papers.md §3).
+
+    Two roles, each one set of tables shared by target and history (pitfall 13):
+
+    - **attention**: own item/category tables (``attn_dim`` wide each, small) and a relative-position
+      table. Search logit ``s_i = ⟨a_t, a_i⟩/sqrt(2·attn_dim) + ⟨p_0, p_i⟩/sqrt(attn_pos_dim)``
+      (the official code's split semantic + time terms, pitfall 14);
+    - **representation**: the ranker's shared item embedding (so it is also what the target, the
+      short attention and the head see) concatenated with a representation position table.
+
+    The hard top-K of ``s`` (``triton_kernels.dare_search``) is re-softmaxed over the K selected
+    (pitfall 15) and pooled over representation vectors ``h``; the output is the target-aware
+    representation ``[h, r_t ⊙ h]`` (pitfall 16; ``r_t`` itself is in the head input via the
+    target embedding). In training the auxiliary head scores ``[r_t, h_full, r_t ⊙ h_full]`` with
+    ``h_full`` a softmax over *all* behaviors under the same logits, so the attention tables get
+    dense gradients (every shipped DARE script enables it).
+
+    Args:
+        dim (int): representation (shared item embedding) width d.
+        features (FeatureSpec): table sizes and ``seq_len`` (sizes the position tables).
+        config (DAREConfig): attention widths, position widths, ``top_k``, ``aux_weight``.
+
+    Example:
+        >>> spec = FeatureSpec(seq_len=12, item_buckets=50, category_buckets=9)
+        >>> arch = DARESequenceArch(8, spec, DAREConfig(attn_dim=4, top_k=3))
+        >>> ids = torch.randint(1, 9, (2, 12))
+        >>> batch = Batch(ids, ids, ids, torch.ones(2, 12, dtype=torch.bool),
+        ...               torch.tensor([3, 4]), torch.tensor([1, 2]), torch.tensor([0, 1]))
+        >>> out, aux = arch(arch.encode(torch.randn(2, 12, 8), batch), torch.randn(2, 8), batch)
+        >>> assert out.shape == (2, 2 * (8 + 16))
+    """
+
+    def __init__(self, dim: int, features: FeatureSpec, config: DAREConfig) -> None:
+        super().__init__()
+        self.config = config
+        positions = int(dare_position_buckets(torch.tensor([features.seq_len]), config.exact_positions)) + 1
+        self.attn_item = nn.Embedding(features.item_buckets, config.attn_dim, padding_idx=0)
+        self.attn_cat = nn.Embedding(features.category_buckets, config.attn_dim, padding_idx=0)
+        self.attn_pos = nn.Embedding(positions, config.attn_pos_dim)  # row 0 = the target
+        self.repr_pos = nn.Embedding(positions, config.pos_dim)
+        for table in (self.attn_item, self.attn_cat, self.attn_pos, self.repr_pos):
+            nn.init.normal_(table.weight, 0.0, EMBEDDING_INIT_STD)  # DARE: N(0, 0.01), roles independent
+        with torch.no_grad():
+            self.attn_item.weight[0].zero_()
+            self.attn_cat.weight[0].zero_()
+        self.repr_dim = dim + config.pos_dim
+        self.out_dim = 2 * self.repr_dim
+        if config.aux_weight > 0:
+            self.aux_mlp = MLP(3 * self.repr_dim, (200, 80), "prelu")  # DARE code's head widths
+            self.aux_out = nn.Linear(80, 1)
+
+    def _positions(self, length: int, device: torch.device) -> torch.Tensor:
+        cols = torch.arange(1, length + 1, device=device)  # column 0 = most recent = position 1
+        ids = dare_position_buckets(cols, self.config.exact_positions)  # (L,)
+        return ids.clamp(max=self.attn_pos.num_embeddings - 1)  # wider than seq_len: last bucket
+
+    def encode(self, hist_emb: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        """Attention keys ``(U, L, 2·attn_dim)`` and representation embeddings ``(U, L, d)``."""
+        keys = torch.cat([self.attn_item(batch.hist_item), self.attn_cat(batch.hist_cat)], dim=-1)
+        return {"dare_keys": keys, "long_emb": hist_emb, "long_mask": batch.hist_mask}
+
+    def _search_inputs(self, encoded: dict[str, torch.Tensor], target: torch.Tensor, batch: Batch
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        keys = encoded["dare_keys"]  # (U, L, da)
+        u, length, da = keys.shape
+        pos = self._positions(length, keys.device)
+        pos_logits = self.attn_pos(pos) @ self.attn_pos.weight[0] / math.sqrt(self.config.attn_pos_dim)  # (L,)
+        values = torch.cat([encoded["long_emb"],
+                            self.repr_pos(pos).unsqueeze(0).expand(u, length, -1)], dim=-1)  # (U, L, dr)
+        query = torch.cat([self.attn_item(batch.cand_item), self.attn_cat(batch.cand_cat)], dim=-1)
+        query = query / math.sqrt(da)  # (B, da): the semantic 1/sqrt(d) folded into the query
+        r_t = torch.cat([target, self.repr_pos.weight[0].expand(target.shape[0], -1)], dim=-1)  # (B, dr)
+        return query, values, pos_logits, r_t
+
+    def forward(self, encoded: dict[str, torch.Tensor], target: torch.Tensor, batch: Batch,
+                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        query, values, pos_logits, r_t = self._search_inputs(encoded, target, batch)
+        keys, mask = encoded["dare_keys"], encoded["long_mask"]
+        top_k = min(self.config.top_k, keys.shape[1])
+        h, _, _ = dare_search(query, keys, values, mask, batch.user_index, pos_logits, top_k=top_k,
+                              backend=self.backend)  # (B, dr)
+        aux: dict[str, torch.Tensor] = {}
+        if labels is not None and self.training and self.config.aux_weight > 0:
+            h_full = full_softmax_attention(query, keys, values, mask, batch.user_index, pos_logits)
+            aux_logit = self.aux_out(self.aux_mlp(torch.cat([r_t, h_full, r_t * h_full], -1))).squeeze(-1)
+            aux["dare_aux"] = self.config.aux_weight * F.binary_cross_entropy_with_logits(
+                aux_logit, labels.to(aux_logit.dtype))
+        return torch.cat([h, r_t * h], dim=-1), aux  # (B, 2·dr)
