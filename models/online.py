@@ -47,7 +47,7 @@ from models.registry import (
 from models.tracking import RunTracker, default_tracking_uri
 from pipeline.config import DEFAULT_STORE, CommonSettings
 from pipeline.events import RawRecord
-from pipeline.kafka import make_consumer
+from pipeline.kafka import make_assigned_consumer
 from pipeline.state import open_store
 
 __all__ = ["TrainerSettings", "OnlineTrainer", "run_trainer", "ModelReport"]
@@ -76,8 +76,6 @@ class TrainerSettings(CommonSettings):
     window: int = Field(2000, gt=10)  # samples in the sliding metric / promotion window
     promotion_margin: float = Field(0.0, ge=0)  # AUC the challenger must beat the champion by
     exit_when_idle: float | None = Field(None, gt=0)  # stop after this many seconds without samples
-    max_poll_interval_ms: int = Field(300_000, gt=0)
-    session_timeout_ms: int = Field(10_000, gt=0)
     seed: int = 0  # model initialisation seed
     store_wait_s: float = Field(30.0, ge=0)  # wait this long for the store to reach a sample's seq_pos
 
@@ -300,9 +298,8 @@ def run_trainer(settings: TrainerSettings, *, stop: threading.Event | None = Non
             signal.signal(sig, lambda *_: stop.set())
     torch.set_num_threads(max(1, torch.get_num_threads()))
     trainer = OnlineTrainer(settings)
-    consumer = make_consumer(settings.kafka_client, settings.bootstrap_servers, [settings.samples_topic],
-                             settings.group_id, max_poll_interval_ms=settings.max_poll_interval_ms,
-                             session_timeout_ms=settings.session_timeout_ms, max_poll_records=settings.batch_size)
+    consumer = make_assigned_consumer(settings.kafka_client, settings.bootstrap_servers, [settings.samples_topic],
+                                      settings.group_id, max_poll_records=settings.batch_size)
     last = time.monotonic()
     failed = False
     buf: deque[RawRecord] = deque()

@@ -54,7 +54,7 @@ class RankerPyfunc(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
         self.ranker = load_ranker(context.artifacts["ranker"])
         self.ranker.eval()
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
+    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]  # MLflow reads hints
         import torch
 
         from models.features import build_batch

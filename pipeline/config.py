@@ -70,7 +70,8 @@ def load_settings(cls: type[S], cli: dict[str, Any], config: str | Path | None =
     class _WithToml(cls):  # type: ignore[valid-type,misc]
         @classmethod
         def settings_customise_sources(cls_, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-                                       env_settings: PydanticBaseSettingsSource, *_: Any) -> tuple[Any, ...]:
+                                       env_settings: PydanticBaseSettingsSource, *_: Any,
+                                       **__: Any) -> tuple[Any, ...]:
             return init_settings, env_settings, InitSettingsSource(settings_cls, toml_vals)
 
     given = {k: v for k, v in cli.items() if v is not None and k in cls.model_fields}

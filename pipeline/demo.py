@@ -98,6 +98,9 @@ def run_demo(args: argparse.Namespace) -> int:
         create_topics(bootstrap, {"samples": 4})
 
         # 2. worker process, concurrently with the trainer -------------------------------------------
+        from pipeline.state import open_store
+
+        open_store(store_uri).close()  # create it, so the trainer can open it read-only right away
         worker_log = open(work / "worker.log", "w")  # noqa: SIM115
         worker_proc = subprocess.Popen(
             _ctrstream() + ["worker", "--bootstrap-servers", bootstrap, "--store", store_uri,
@@ -136,7 +139,7 @@ def run_demo(args: argparse.Namespace) -> int:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and not stop.is_set():
                 tr = trainer_ref[0] if trainer_ref else None
-                if tr is not None and tr.samples + tr.duplicates >= target:
+                if tr is not None and tr.samples >= target:
                     break
                 time.sleep(0.2)
             stop.set()
@@ -150,7 +153,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
         threading.Thread(target=watchdog, daemon=True).start()
         ts = TrainerSettings(bootstrap_servers=bootstrap, store=store_uri, models=models, tracking_uri=tracking_uri,
-                             max_poll_interval_ms=4000, session_timeout_ms=4000, seq_len=1000, short_len=50,
+                             seq_len=1000, short_len=50,
                              item_buckets=1 << 15, category_buckets=1 << 10, checkpoint_every=4000)
         reports = run_trainer(ts, stop=stop, on_step=on_step_ref, install_signals=False)
         wt.join(timeout=60)
@@ -192,9 +195,15 @@ def _score_calls(progress: Any, target: str, proc: subprocess.Popen[str], stream
 
     client = ScorerClient(target)
     deadline = time.monotonic() + 120
-    while not client.wait_ready(timeout=1.0):
+    while True:
+        try:
+            if client.health(timeout=1.0) == "SERVING":
+                break
+        except Exception:  # noqa: BLE001 - not listening yet
+            pass
         if proc.poll() is not None or time.monotonic() > deadline:
             raise DemoFailure("scorer did not become ready (see scorer.log)")
+        time.sleep(0.2)
     rng = np.random.default_rng(args.seed)
     cfg = stream.config
     items_all = cfg.categories * cfg.items_per_category

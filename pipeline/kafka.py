@@ -5,12 +5,14 @@ produce). ``kafka-python`` is the default client; ``confluent`` (librdkafka) is 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from pipeline.events import RawRecord
 
-__all__ = ["ConsumerAdapter", "ProducerAdapter", "make_consumer", "make_producer", "TopicPartitionT"]
+__all__ = ["ConsumerAdapter", "ProducerAdapter", "make_assigned_consumer", "make_consumer", "make_producer",
+           "TopicPartitionT"]
 
 log = logging.getLogger(__name__)
 TopicPartitionT = tuple[str, int]
@@ -86,6 +88,50 @@ class _KafkaPythonConsumer:
         self._c.close(autocommit=False)
 
 
+class _KafkaPythonAssignedConsumer(_KafkaPythonConsumer):
+    """Static assignment: partitions ``p`` with ``p % world == rank`` of every topic, no group protocol.
+
+    Used by the trainer: data-parallel ranks must own fixed partitions (a rebalance in the middle of
+    a DDP step would desynchronise them), and a step that takes longer than the group's poll
+    interval must not cost the partition. Offsets: ``start`` when given (the trainer's checkpoint),
+    else the group's committed offset on the broker, else the beginning.
+    """
+
+    def __init__(self, bootstrap: str, topics: Iterable[str], group_id: str | None, rank: int, world: int,
+                 start: dict[TopicPartitionT, int] | None, max_poll_records: int) -> None:
+        from kafka import KafkaConsumer, TopicPartition
+
+        self._c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False,
+                                auto_offset_reset="earliest", max_poll_records=max_poll_records,
+                                fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20,
+                                reconnect_backoff_max_ms=2000)
+        tps = []
+        for t in topics:
+            parts = None
+            deadline = time.monotonic() + 30
+            while not parts and time.monotonic() < deadline:
+                parts = self._c.partitions_for_topic(t)
+                if not parts:
+                    time.sleep(0.2)
+            if not parts:
+                raise TimeoutError(f"topic {t!r} has no partitions (does it exist?)")
+            tps += [TopicPartition(t, p) for p in sorted(parts) if p % world == rank]
+        self._c.assign(tps)
+        committed = {}
+        if group_id:
+            for tp in tps:
+                c = self._c.committed(tp)
+                if c is not None:
+                    committed[(tp.topic, tp.partition)] = c
+        for tp in tps:
+            key = (tp.topic, tp.partition)
+            off = (start or {}).get(key, committed.get(key))
+            if off is None:
+                self._c.seek_to_beginning(tp)
+            else:
+                self._c.seek(tp, off)
+
+
 class _KafkaPythonProducer:
     def __init__(self, bootstrap: str) -> None:
         from kafka import KafkaProducer
@@ -117,6 +163,17 @@ def make_consumer(client: str, bootstrap: str, topics: Iterable[str], group_id: 
         return ConfluentConsumer(bootstrap, topics, group_id, on_assign, on_revoke,
                                  max_poll_interval_ms, session_timeout_ms)
     raise ValueError(f"unknown kafka client {client!r} (kafka-python | confluent)")
+
+
+def make_assigned_consumer(client: str, bootstrap: str, topics: Iterable[str], group_id: str | None = None, *,
+                           rank: int = 0, world: int = 1, start: dict[TopicPartitionT, int] | None = None,
+                           max_poll_records: int = 5000) -> ConsumerAdapter:
+    """A consumer with a static partition assignment (see :class:`_KafkaPythonAssignedConsumer`)."""
+    if client != "kafka-python":
+        from pipeline._confluent import ConfluentAssignedConsumer
+
+        return ConfluentAssignedConsumer(bootstrap, topics, group_id, rank, world, start)
+    return _KafkaPythonAssignedConsumer(bootstrap, topics, group_id, rank, world, start, max_poll_records)
 
 
 def make_producer(client: str, bootstrap: str) -> ProducerAdapter:
