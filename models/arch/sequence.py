@@ -74,7 +74,25 @@ class SDIMSequenceArch(BackendModule):
         return {"sdim_sums": sums, "sdim_counts": counts}
 
     def encode(self, hist_emb: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        if self.training:
+            # Training: every candidate row has its own history (U == B), so building all G·2**τ
+            # buckets per row wastes 2**τ× the work; keep codes and gather per candidate instead
+            # (same math as table + gather; see ``_direct``).
+            return {"sdim_emb": hist_emb, "sdim_codes": self.codes(hist_emb), "sdim_mask": batch.hist_mask}
         return self.bucket_table(hist_emb, batch.hist_mask)
+
+    def _direct(self, encoded: dict[str, torch.Tensor], cand_codes: torch.Tensor,
+                user_index: torch.Tensor) -> torch.Tensor:
+        """Per-candidate bucket sums without the table: Σ_l [code_l,g == cand_g]·e_l, ℓ2-normalised,
+        averaged over groups; equal to ``sdim_gather(bucket_table(...))`` (tested)."""
+        emb = encoded["sdim_emb"].index_select(0, user_index)  # (B, L, d)
+        codes = encoded["sdim_codes"].index_select(0, user_index)  # (B, L, G)
+        mask = encoded["sdim_mask"].index_select(0, user_index)  # (B, L)
+        match = (codes == cand_codes.unsqueeze(1)) & mask.unsqueeze(-1)  # (B, L, G)
+        sums = torch.bmm(match.transpose(1, 2).to(emb.dtype), emb)  # (B, G, d)
+        norm = sums.norm(dim=-1, keepdim=True)  # (B, G, 1)
+        normed = torch.where(norm > 1e-12, sums / norm.clamp_min(1e-12), torch.zeros_like(sums))
+        return normed.mean(dim=1)  # (B, d)
 
     def extend(self, encoded: dict[str, torch.Tensor], new_emb: torch.Tensor,
                new_mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -86,6 +104,8 @@ class SDIMSequenceArch(BackendModule):
     def forward(self, encoded: dict[str, torch.Tensor], target: torch.Tensor, batch: Batch,
                 labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cand_codes = self.codes(target.unsqueeze(1)).squeeze(1)  # (B, G)
+        if "sdim_sums" not in encoded:
+            return self._direct(encoded, cand_codes, batch.user_index), {}
         out = sdim_gather(encoded["sdim_sums"], encoded["sdim_counts"], cand_codes, batch.user_index,
                           backend=self.backend)  # (B, d)
         return out, {}
