@@ -115,19 +115,22 @@ def log_ranker_version(client: MlflowClient, run_id: str, ranker: Any, registere
     """
     from models import save_ranker
 
+    # No fluent API (it reads the *global* tracking URI): save locally, log through this client.
     with tempfile.TemporaryDirectory() as tmp:
         rdir = Path(tmp) / "ranker"
         save_ranker(ranker, rdir)
-        with mlflow.start_run(run_id=run_id, nested=False, log_system_metrics=False):
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=RankerPyfunc(), artifacts={"ranker": str(rdir)},
-                pip_requirements=["torch", "numpy", "pandas"],  # explicit: inference spawns a slow subprocess
-            )
+        mdir = Path(tmp) / "model"
+        mlflow.pyfunc.save_model(
+            path=str(mdir), python_model=RankerPyfunc(), artifacts={"ranker": str(rdir)},
+            pip_requirements=["torch", "numpy", "pandas"],  # explicit: inference spawns a slow subprocess
+        )
+        client.log_artifacts(run_id, str(mdir), artifact_path="model")
+    source = f"runs:/{run_id}/model"
     try:
         client.create_registered_model(registered_name)
     except MlflowException:
         pass  # exists
-    mv = client.create_model_version(registered_name, info.model_uri, run_id=run_id,
+    mv = client.create_model_version(registered_name, source, run_id=run_id,
                                       tags={k: str(v) for k, v in tags.items()})
     _wait_ready(client, registered_name, mv.version)
     client.set_registered_model_alias(registered_name, CHALLENGER, mv.version)
@@ -193,9 +196,7 @@ def load_registered_ranker(name: str, alias: str = CHAMPION, tracking_uri: str |
         version = str(client.get_model_version_by_alias(name, alias).version)
     mv = client.get_model_version(name, version)
     with tempfile.TemporaryDirectory() as tmp:
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
-        local = mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=tmp)
+        local = client.download_artifacts(mv.run_id, "model", tmp)
         ranker = load_ranker(Path(local) / "artifacts" / "ranker")
     ranker.eval()
     return LoadedModel(ranker, name, str(version), time.time())
