@@ -63,15 +63,17 @@ def resolve_backend(op: str, backend: Backend | str, device: torch.device) -> Ba
     if backend is Backend.AUTO:
         resolved = Backend.TRITON if device.type == "cuda" else Backend.TORCH
     elif backend is Backend.TRITON:
-        if not _triton_importable():  # pragma: no cover
-            raise KernelUnavailableError(f"{op}: triton is not installed; `pip install triton` or use "
-                                         "Backend.TORCH")
+        # Check the interpreter switch before importing triton: importing it with the switch off
+        # would fix the compiled mode for the whole process.
         if device.type != "cuda" and not _interpreter_on():
             raise KernelUnavailableError(
                 f"{op}: Backend.TRITON on a {device.type} tensor needs Triton's interpreter; set "
                 "TRITON_INTERPRET=1 before `triton` is imported, move the tensors to CUDA, or use "
                 "Backend.TORCH / Backend.AUTO"
             )
+        if not _triton_importable():  # pragma: no cover
+            raise KernelUnavailableError(f"{op}: triton is not installed; `pip install triton` or use "
+                                         "Backend.TORCH")
         resolved = Backend.TRITON
     else:
         resolved = Backend.TORCH

@@ -31,7 +31,7 @@ SHAPES = [  # (B, U, L, da, dr, K, with_pos)
     (1, 1, 1, 16, 16, 1, True),  # single row, single behavior
     (7, 1, 17, 5, 9, 4, True),  # serving layout (U=1), L just above BLOCK_L=16, odd widths, prime B
     (13, 13, 33, 20, 3, 5, False),  # training layout (U == B, prime), three L tiles, no position term
-    (5, 3, 40, 7, 12, 16, True),  # K_PAD = BLOCK_L = 16: the tile is merged without its own top-K
+    (5, 3, 40, 7, 12, 16, True),  # K_PAD = BLOCK_L = 16: a whole tile can enter the running set
     (3, 3, 21, 6, 6, 21, True),  # K == L (jagged rows: empty slots get index -1)
     (2, 2, 70, 4, 5, 3, True),  # many tiles, most skipped by the running-threshold test
 ]

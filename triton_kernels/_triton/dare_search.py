@@ -6,9 +6,10 @@ bit for bit whenever the fp32 logits do.
 
 Forward, one program per candidate row b: stream the user's keys in ``BLOCK_L`` tiles, compute
 ``q·k + pos`` in registers, pack each (logit, position) into one order-preserving int64 key
-(:func:`triton_kernels._triton.math.pack_score_index`), take the tile's top ``K_PAD`` and merge it
-with the running top ``K_PAD`` (``tl.join`` + ``tl.topk``). Tiles whose best key cannot enter the
-running set are skipped. The ``(B, L)`` logit matrix never reaches global memory. Then softmax
+(:func:`triton_kernels._triton.math.pack_score_index`) and merge the tile into the running top
+``K_PAD`` by replacing its minimum while the tile still holds a better key
+(no sort network per tile; a tile whose best key cannot enter costs one comparison), then order
+the survivors by repeated max extraction. The ``(B, L)`` logit matrix never reaches global memory. Then softmax
 over the K selected logits and ``Σ w_k·values[u, idx_k]``.
 
 Backward, one program per row: ``dw_k = dout·v_k``, ``dlogit_k = w_k(dw_k − Σ_j w_j dw_j)``;
@@ -31,6 +32,7 @@ from triton_kernels.reference.dare_search import _check_shapes
 __all__ = ["INTERPRET_BLOCK_L", "dare_search_triton"]
 
 INTERPRET_BLOCK_L = 16  # sequence tile under the interpreter (tests pick L just above it)
+SENTINEL: tl.constexpr = tl.constexpr(-(2**63))  # below every packed key (int64 minimum)
 
 
 @triton.heuristics({"HAS_POS": lambda args: args["pos_ptr"] is not None})
@@ -66,9 +68,10 @@ def _dare_search_fwd_kernel(
     u = tl.load(user_ptr + b).to(tl.int64)
     da = tl.arange(0, BLOCK_DA)
     q = tl.load(q_ptr + b * stride_qb + da * stride_qd, mask=da < dim_a, other=0.0).to(tl.float32)
-    init = pack_score_index(tl.full((K_PAD,), float("-inf"), tl.float32),
-                            tl.full((K_PAD,), 2147483647, tl.int64))
-    run = init
+    slot = tl.arange(0, K_PAD)
+    # K_PAD distinct placeholder keys (positions beyond any real one) below every real key.
+    run = pack_score_index(tl.full((K_PAD,), float("-inf"), tl.float32), 2147483647 - slot.to(tl.int64))
+    run_min = tl.min(run, axis=0)
     for l0 in range(0, length, BLOCK_L):
         ls = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
         l_ok = ls < length
@@ -79,14 +82,23 @@ def _dare_search_fwd_kernel(
         if HAS_POS:
             logit += tl.load(pos_ptr + ls, mask=real, other=0.0).to(tl.float32)
         logit = tl.where(real, logit, float("-inf"))
-        keys = pack_score_index(logit, ls)
-        if tl.max(keys, axis=0) > tl.min(run, axis=0):  # otherwise nothing in this tile can enter
-            if BLOCK_L > K_PAD:
-                tile_top = tl.topk(keys, K_PAD)
-            else:
-                tile_top = keys
-            run = tl.topk(tl.reshape(tl.join(run, tile_top), (2 * K_PAD,)), K_PAD)
-    slot = tl.arange(0, K_PAD)
+        keys = tl.where(l_ok, pack_score_index(logit, ls), SENTINEL)
+        best = tl.max(keys, axis=0)
+        # Replace-the-minimum merge: each pass moves the tile's best key into the running set;
+        # it stops as soon as nothing left in the tile beats the running K-th best, so after the
+        # first few tiles most tiles cost one comparison. Keys are unique (positions differ).
+        while best > run_min:
+            run = tl.where(run == run_min, best, run)
+            keys = tl.where(keys == best, SENTINEL, keys)
+            best = tl.max(keys, axis=0)
+            run_min = tl.min(run, axis=0)
+    # Order the K_PAD survivors descending by repeated max extraction.
+    ordered = run
+    for k in tl.static_range(K_PAD):
+        top = tl.max(run, axis=0)
+        ordered = tl.where(slot == k, top, ordered)
+        run = tl.where(run == top, SENTINEL, run)
+    run = ordered
     sel_logit = unpack_score(run)
     sel_idx = unpack_index(run).to(tl.int64)
     valid = (slot < top_k) & (sel_logit > float("-inf"))
@@ -165,9 +177,9 @@ def _config(length: int, dim_a: int, dim_r: int, top_k: int, batch: int) -> Laun
     k_pad = pow2_at_least(top_k, 2)
     block_da = pow2_at_least(dim_a, 16)
     if interpreting():
-        block_l = max(k_pad, INTERPRET_BLOCK_L)
+        block_l = INTERPRET_BLOCK_L
     else:  # keep the (BLOCK_L, BLOCK_DA) key tile within ~8K fp32 registers per program
-        block_l = max(k_pad, min(256, max(16, 8192 // block_da)))
+        block_l = min(256, max(16, 8192 // block_da))
     return LaunchConfig(block_size=block_l, num_warps=4, grid=(batch,),
                         extra=(("K_PAD", k_pad), ("BLOCK_DA", block_da), ("BLOCK_DR", pow2_at_least(dim_r, 16))))
 
