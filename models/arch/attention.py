@@ -168,8 +168,10 @@ class DiffusionDenoiser(nn.Module):
         self.time = nn.Sequential(nn.Linear(dim, 4 * dim), nn.SiLU(), nn.Linear(4 * dim, dim))
         self.self_attn = nn.ModuleList(nn.MultiheadAttention(dim, config.heads, bias=False, batch_first=True)
                                        for _ in range(config.layers))
-        self.cross_attn = nn.ModuleList(nn.MultiheadAttention(dim, config.heads, bias=False, batch_first=True)
-                                        for _ in range(config.layers))
+        # cross-attention to the ONE basis vector o: softmax over a single key is 1, so it is
+        # exactly out_proj(value_proj(o)) for every token (the query/key projections cancel)
+        self.cross_value = nn.ModuleList(nn.Linear(dim, dim, bias=False) for _ in range(config.layers))
+        self.cross_out = nn.ModuleList(nn.Linear(dim, dim, bias=False) for _ in range(config.layers))
         self.ffn = nn.ModuleList(nn.Sequential(nn.Linear(dim, config.ffn_factor * dim), nn.ReLU(),
                                                nn.Linear(config.ffn_factor * dim, dim))
                                  for _ in range(config.layers))
@@ -179,12 +181,16 @@ class DiffusionDenoiser(nn.Module):
                 position: torch.Tensor) -> torch.Tensor:
         """tokens (N, c, d), t (N,), basis (N, d), position (N,) of the noised token → (N, d)."""
         x = tokens + self.time(_sinusoidal(t, self.dim)).unsqueeze(1)  # (N, c, d)
-        o = basis.unsqueeze(1)  # (N, 1, d)
-        for j, (sa, ca, ffn) in enumerate(zip(self.self_attn, self.cross_attn, self.ffn, strict=True)):
+        for j, (sa, ffn) in enumerate(zip(self.self_attn, self.ffn, strict=True)):
             x = self.norms[3 * j](x + sa(x, x, x, need_weights=False)[0])
-            x = self.norms[3 * j + 1](x + ca(x, o, o, need_weights=False)[0])
+            cross = self.cross_out[j](self.cross_value[j](basis)).unsqueeze(1)  # (N, 1, d)
+            x = self.norms[3 * j + 1](x + cross)
             x = self.norms[3 * j + 2](x + ffn(x))
         return x[torch.arange(x.shape[0], device=x.device), position]  # (N, d)
+
+
+#: A Gram-Schmidt residual shorter than this is treated as rank deficiency (zero basis vector).
+_QR_EPS = 1e-6
 
 
 def _projector(dim: int) -> nn.Sequential:
@@ -248,12 +254,25 @@ class DiffuMINArch(BackendModule):
         return {"long_emb": hist_emb, "long_mask": batch.hist_mask}
 
     def channels(self, target: torch.Tensor) -> torch.Tensor:
-        """Orthonormal channel bases ``(B, d, c)`` of the targets ``(B, d)``, signs fixed."""
+        """Orthonormal channel bases ``(B, d, c)`` of the targets ``(B, d)``, signs fixed.
+
+        The thin QR with ``diag(R) > 0`` (the unique QR of a full-rank matrix), computed by
+        Gram-Schmidt over the ``c`` columns in fp32 (re-orthogonalised once, "twice is enough"):
+        c is tiny, so this is a few elementwise ops with a cheap backward, where the batched
+        ``linalg.qr`` backward dominated a training step on CPU. A column that is (numerically)
+        in the span of the previous ones gets a zero basis vector instead of NaN.
+        """
         b = target.shape[0]
-        x = self.project(target).view(b, self.config.channels, self.dim).transpose(1, 2)  # (B, d, c)
-        q, r = torch.linalg.qr(x.float(), mode="reduced")
-        sign = torch.where(torch.diagonal(r, dim1=-2, dim2=-1) < 0, -1.0, 1.0)  # (B, c)
-        return (q * sign.unsqueeze(1)).to(target.dtype)
+        x = self.project(target).view(b, self.config.channels, self.dim).float()  # (B, c, d) rows = columns of X
+        basis: list[torch.Tensor] = []
+        for j in range(self.config.channels):
+            v = x[:, j]  # (B, d)
+            for _ in range(2):
+                for q in basis:
+                    v = v - (q * v).sum(-1, keepdim=True) * q
+            norm = v.norm(dim=-1, keepdim=True)
+            basis.append(v / norm.clamp(min=_QR_EPS) * (norm > _QR_EPS))
+        return torch.stack(basis, dim=-1).to(target.dtype)  # (B, d, c)
 
     def interests(self, bases: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor,
                   user_index: torch.Tensor) -> torch.Tensor:
