@@ -72,8 +72,11 @@ def dare_search(
     q = query.to(dtype)
     real = gather_user_rows(mask.to(torch.bool), user_index)  # (B, L)
     with torch.no_grad():  # selection: piecewise constant, not differentiated
-        k_rows = gather_user_rows(keys.to(dtype), user_index)  # (B, L, da)
-        logits = torch.einsum("bd,bld->bl", q.float(), k_rows.float())  # (B, L) fp32
+        if keys.shape[0] == 1:  # serving: one user, a plain (B, da) @ (da, L) matmul
+            logits = q.float() @ keys[0].float().t()  # (B, L) fp32
+        else:
+            k_rows = gather_user_rows(keys, user_index)  # (B, L, da)
+            logits = torch.einsum("bd,bld->bl", q.float(), k_rows.float())  # (B, L) fp32
         if pos_logits is not None:
             logits = logits + pos_logits.float().view(1, -1)
         logits = logits.masked_fill(~real, float("-inf"))
