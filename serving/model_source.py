@@ -105,13 +105,10 @@ class MlflowModelSource:
         return str(mv.version)
 
     def load(self, version: str) -> LoadedModel:
-        import mlflow
-
         mv = self._mlflow().get_model_version(self.name, version)
         with tempfile.TemporaryDirectory(prefix="ctrstream-model-") as tmp:
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{self.name}/{version}", dst_path=tmp, tracking_uri=self.tracking_uri
-            )
+            # through this client: ``models:/`` URIs resolve against the *global* registry URI
+            local = self._mlflow().download_artifacts(mv.run_id, "model", tmp)
             ranker = self._loader(str(_ranker_dir(Path(local))))
         created = mv.creation_timestamp / 1000.0 if mv.creation_timestamp else None
         return LoadedModel(ranker=ranker, name=self.name, version=str(version), created_at=created)

@@ -85,9 +85,12 @@ class SDIMSequenceArch(BackendModule):
                 user_index: torch.Tensor) -> torch.Tensor:
         """Per-candidate bucket sums without the table: Σ_l [code_l,g == cand_g]·e_l, ℓ2-normalised,
         averaged over groups; equal to ``sdim_gather(bucket_table(...))`` (tested)."""
-        emb = encoded["sdim_emb"].index_select(0, user_index)  # (B, L, d)
-        codes = encoded["sdim_codes"].index_select(0, user_index)  # (B, L, G)
-        mask = encoded["sdim_mask"].index_select(0, user_index)  # (B, L)
+        emb, codes, mask = encoded["sdim_emb"], encoded["sdim_codes"], encoded["sdim_mask"]
+        b = user_index.shape[0]
+        if not (emb.shape[0] == b and torch.equal(user_index, torch.arange(b, device=user_index.device))):
+            emb = emb.index_select(0, user_index)  # (B, L, d)
+            codes = codes.index_select(0, user_index)  # (B, L, G)
+            mask = mask.index_select(0, user_index)  # (B, L)
         match = (codes == cand_codes.unsqueeze(1)) & mask.unsqueeze(-1)  # (B, L, G)
         sums = torch.bmm(match.transpose(1, 2).to(emb.dtype), emb)  # (B, G, d)
         norm = sums.norm(dim=-1, keepdim=True)  # (B, G, 1)

@@ -33,9 +33,9 @@ BASE_TS_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 class SyntheticConfig:
     """Sizes and signal strengths of the synthetic stream (defaults: the demo, minutes on 2 cores)."""
 
-    users: int = 200  # number of users
+    users: int = 100  # number of users
     behaviors_per_user: int = 1500  # lifelong history length per user (before impressions start)
-    impressions_per_user: int = 60  # impression requests per user, in the last part of the timeline
+    impressions_per_user: int = 300  # impression requests per user, in the last part of the timeline
     candidates_per_impression: int = 1  # items shown per request (each one a sample)
     categories: int = 300  # category vocabulary
     items_per_category: int = 40  # items inside each category

@@ -12,7 +12,6 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline.config import ProduceSettings, WorkerSettings
 from pipeline.datasets.synthetic import SyntheticConfig, generate
@@ -126,7 +125,6 @@ def test_demo_path_small(broker, tmp_path):
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out[-2000:]
-    del torch
 
 
 @pytest.mark.slow

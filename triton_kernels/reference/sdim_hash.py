@@ -50,9 +50,10 @@ def sdim_hash(
     check(1 <= hash_bits <= 30, f"hash_bits must be in [1, 30], got {hash_bits}")
     n, length, _ = seq_emb.shape
     proj = torch.matmul(seq_emb.float(), projection.float())  # (N, L, G·τ) fp32
-    bits = (proj > 0).view(n, length, num_hashes, hash_bits).to(torch.int64)  # (N, L, G, τ)
-    weights = torch.bitwise_left_shift(
-        torch.ones(hash_bits, dtype=torch.int64, device=seq_emb.device),
-        torch.arange(hash_bits, device=seq_emb.device),
-    )  # (τ,) = 1, 2, 4, …
-    return (bits * weights).sum(-1)  # (N, L, G)
+    bits = (proj > 0).view(n, length, num_hashes, hash_bits)  # (N, L, G, τ) bool
+    # Accumulate bit by bit in int32 (τ ≤ 30 fits), vectorised over all behaviors: ~5× faster on
+    # CPU than multiplying an int64 (N, L, G, τ) tensor by the powers of two and summing.
+    codes = bits[..., 0].to(torch.int32)  # (N, L, G)
+    for j in range(1, hash_bits):
+        codes |= bits[..., j].to(torch.int32) << j
+    return codes.to(torch.int64)  # (N, L, G)
