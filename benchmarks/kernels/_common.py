@@ -59,8 +59,10 @@ def parse_args(description: str, default_batch: int = 1024) -> argparse.Namespac
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--fwd-only", action="store_true", help="time the forward only")
     p.add_argument("--max-seq-len", type=int, default=None, help="largest history length L")
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, default=None, help=f"candidates B (default {default_batch} on GPU, 8 on CPU)")
+    p.add_argument("--device", choices=["cuda", "cpu"],
+                   default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=None,
+                   help=f"candidates B (default {default_batch} on GPU, 8 on CPU)")
     p.add_argument("--dim", type=int, default=64, help="embedding width d (16–128)")
     p.add_argument("--layout", choices=["serving", "training"], default="serving",
                    help="serving: one user (U=1) scores B candidates; training: U == B")
@@ -69,7 +71,8 @@ def parse_args(description: str, default_batch: int = 1024) -> argparse.Namespac
         p.error("--device cuda requested but no CUDA device is visible; use --device cpu for the smoke test")
     args.batch = args.batch or (default_batch if args.device == "cuda" else 8)
     lens = GPU_SEQ_LENS if args.device == "cuda" else CPU_SEQ_LENS
-    args.seq_lens = [n for n in lens if args.max_seq_len is None or n <= args.max_seq_len] or [args.max_seq_len]
+    kept = [n for n in lens if args.max_seq_len is None or n <= args.max_seq_len]
+    args.seq_lens = kept or [args.max_seq_len]
     return args
 
 

@@ -18,8 +18,9 @@ def make_case(args, length: int) -> C.Case:
     t = C.make_inputs(b, u, length, d, C.DTYPES[args.dtype], args.device, grad=not args.fwd_only)
 
     def fn(backend):
-        return C.backward_of(lambda: dare_search(t["query"], t["keys"], t["values"], t["mask"], t["user_index"],
-                                                 t["pos"], top_k=TOP_K, backend=backend), args.fwd_only)
+        return C.backward_of(lambda: dare_search(t["query"], t["keys"], t["values"], t["mask"],
+                                                 t["user_index"], t["pos"], top_k=TOP_K, backend=backend),
+                             args.fwd_only)
 
     e = C.elt(args)
     moved = u * length * (d * e + 1) + length * e + b * d * e + b * TOP_K * (d * e + 12) + b * d * e

@@ -21,8 +21,10 @@ def make_case(args, length: int) -> C.Case:
     codes = torch.randint(0, 2**HASH_BITS, (u, length, NUM_HASHES), device=args.device)
 
     def fn(backend):
-        return C.backward_of(lambda: sdim_bucket_sums(seq, codes, mask, hash_bits=HASH_BITS, backend=backend)[0],
-                             args.fwd_only)
+        def fwd():
+            return sdim_bucket_sums(seq, codes, mask, hash_bits=HASH_BITS, backend=backend)[0]
+
+        return C.backward_of(fwd, args.fwd_only)
 
     table = u * NUM_HASHES * 2**HASH_BITS
     moved = u * length * (d * C.elt(args) + NUM_HASHES * 8 + 1) + table * (4 * d + 4)

@@ -26,7 +26,8 @@ def make_case(args, batch: int) -> C.Case:
         batch, device=args.device)
 
     def fn(backend):
-        return C.backward_of(lambda: sdim_gather(sums, counts, cand_codes, users, backend=backend), args.fwd_only)
+        return C.backward_of(lambda: sdim_gather(sums, counts, cand_codes, users, backend=backend),
+                             args.fwd_only)
 
     moved = batch * (NUM_HASHES * (d * C.elt(args) + 8) + 8 + d * C.elt(args))
     if not args.fwd_only:

@@ -19,9 +19,11 @@ def make_case(args, length: int) -> C.Case:
     dtype = C.DTYPES[args.dtype]
     t = C.make_inputs(b, u, length, d, dtype, args.device, grad=not args.fwd_only)
     g = torch.Generator().manual_seed(1)
+    shapes = {"w1": (4 * d, HIDDEN), "b1": (HIDDEN,), "w2": (HIDDEN,), "b2": (1,), "alpha": (HIDDEN,)}
     w = {n: (torch.randn(*s, generator=g) * 0.1).to(args.device, dtype).requires_grad_(not args.fwd_only)
-         for n, s in {"w1": (4 * d, HIDDEN), "b1": (HIDDEN,), "w2": (HIDDEN,), "b2": (1,), "alpha": (HIDDEN,)}.items()}
-    stats = {"dice_mean": torch.zeros(HIDDEN, device=args.device), "dice_var": torch.ones(HIDDEN, device=args.device)}
+         for n, s in shapes.items()}
+    stats = {"dice_mean": torch.zeros(HIDDEN, device=args.device),
+             "dice_var": torch.ones(HIDDEN, device=args.device)}
 
     def fn(backend):
         return C.backward_of(lambda: target_attention(

@@ -27,6 +27,7 @@ from tests.triton_kernels.utils import (
 from triton_kernels import Backend, dare_search
 from triton_kernels.reference import dare_search as dare_search_ref
 
+BACKENDS = [Backend.TORCH, pytest.param(Backend.TRITON, marks=pytest.mark.interpret)]
 SHAPES = [  # (B, U, L, da, dr, K, with_pos)
     (1, 1, 1, 16, 16, 1, True),  # single row, single behavior
     (7, 1, 17, 5, 9, 4, True),  # serving layout (U=1), L just above BLOCK_L=16, odd widths, prime B
@@ -78,7 +79,7 @@ def test_dare_search_parity(b, u, length, da, dr, top_k, with_pos, gen) -> None:
     _check(*_inputs(b, u, length, da, dr, with_pos, gen), top_k, torch.float32)
 
 
-@pytest.mark.parametrize("backend", [Backend.TORCH, pytest.param(Backend.TRITON, marks=pytest.mark.interpret)])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_short_rows_and_ties(backend) -> None:
     """Fewer than K real behaviors → index -1 and weight 0; equal logits → smaller position first."""
     keys = torch.ones(2, 6, 2, device=DEVICE)  # every logit equal to 1 for q = (1, 0)
@@ -92,7 +93,7 @@ def test_short_rows_and_ties(backend) -> None:
     torch.testing.assert_close(out.cpu(), torch.tensor([[1.0], [0.0]]))
 
 
-@pytest.mark.parametrize("backend", [Backend.TORCH, pytest.param(Backend.TRITON, marks=pytest.mark.interpret)])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_padding_never_leaks(backend, gen) -> None:
     """NaN in padded keys/values/pos changes nothing; padded positions get exactly zero gradient."""
     q, k, v, mask, users, pos = _inputs(5, 3, 20, 6, 4, True, gen)  # L = 20 > BLOCK_L

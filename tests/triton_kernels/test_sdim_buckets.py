@@ -128,7 +128,8 @@ def test_gather_is_l2_normalised_collision_mean(gen) -> None:
     cand = torch.randn(2, 1, d, generator=gen)
     cand_codes = sdim_hash(cand, proj, num_hashes=g, hash_bits=bits, backend=Backend.TORCH)[:, 0]
     present = set(codes[0, :7, 0].tolist())
-    cand_codes[1, 0] = min(c for c in range(2**bits) if c not in present)  # 7 behaviors, 8 codes: an empty bucket
+    # 7 behaviors, 8 codes: some bucket is empty; point candidate 1's group 0 at it
+    cand_codes[1, 0] = min(c for c in range(2**bits) if c not in present)
     sums, counts = bucket_sums_ref(emb, codes, mask, hash_bits=bits)
     out = gather_ref(sums, counts, cand_codes, torch.zeros(2, dtype=torch.int64))
     for b in range(2):

@@ -29,6 +29,7 @@ SHAPES = [  # (B, U, L, d, H)
     (13, 13, 33, 20, 36),  # training layout, prime B, DIN's hidden width 36
     (3, 2, 40, 12, 3),  # tiny hidden layer, three L tiles
 ]
+BACKENDS = [Backend.TORCH, pytest.param(Backend.TRITON, marks=pytest.mark.interpret)]
 ACTS = ["sigmoid", "dice", "prelu", "relu", "identity"]
 
 
@@ -120,10 +121,11 @@ def test_reference_dice_matches_batchnorm_eval(gen) -> None:
     expected = p * x + alpha * (1 - p) * x
     from triton_kernels.reference.target_attention import apply_activation
 
-    torch.testing.assert_close(apply_activation(x, "dice", alpha, bn.running_mean, bn.running_var, 1e-9), expected)
+    got = apply_activation(x, "dice", alpha, bn.running_mean, bn.running_var, 1e-9)
+    torch.testing.assert_close(got, expected)
 
 
-@pytest.mark.parametrize("backend", [Backend.TORCH, pytest.param(Backend.TRITON, marks=pytest.mark.interpret)])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("softmax", [False, True])
 def test_padding_never_leaks(backend, softmax, gen) -> None:
     t = _inputs(5, 3, 20, 6, 8, gen)
@@ -139,16 +141,18 @@ def test_padding_never_leaks(backend, softmax, gen) -> None:
 def test_missing_activation_params_raise(gen) -> None:
     t = _inputs(2, 2, 3, 4, 4, gen)
     with pytest.raises(ValueError, match="alpha"):
-        target_attention(t["query"], t["keys"], t["mask"], t["user_index"], t["w1"], t["b1"], t["w2"], t["b2"],
-                         activation="dice", backend=Backend.TORCH)
+        target_attention(t["query"], t["keys"], t["mask"], t["user_index"], t["w1"], t["b1"], t["w2"],
+                         t["b2"], activation="dice", backend=Backend.TORCH)
 
 
 @pytest.mark.interpret
 @settings(deadline=None, max_examples=6)
 @given(b=st.integers(1, 5), u=st.integers(1, 3), length=st.integers(1, 40), d=st.integers(1, 20),
-       h=st.integers(1, 40), activation=st.sampled_from(ACTS), softmax=st.booleans(), seed=st.integers(0, 2**16))
+       h=st.integers(1, 40), activation=st.sampled_from(ACTS), softmax=st.booleans(),
+       seed=st.integers(0, 2**16))
 def test_target_attention_property(b, u, length, d, h, activation, softmax, seed) -> None:
-    _check(_inputs(b, u, length, d, h, torch.Generator().manual_seed(seed)), activation, softmax, torch.float32)
+    t = _inputs(b, u, length, d, h, torch.Generator().manual_seed(seed))
+    _check(t, activation, softmax, torch.float32)
 
 
 @pytest.mark.gpu

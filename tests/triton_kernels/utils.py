@@ -23,7 +23,8 @@ def assert_verbose_allclose(actual: torch.Tensor, expected: torch.Tensor, *, ato
     bad = (diff > atol + rtol * e.abs().nan_to_num(0.0)) | nan_mismatch | inf_mismatch
     if bad.any():
         idx = bad.nonzero()[:max_print].tolist()
-        lines = [f"  at {tuple(i)}: got {a[tuple(i)].item():.8g}, expected {e[tuple(i)].item():.8g}" for i in idx]
+        lines = [f"  at {tuple(i)}: got {a[tuple(i)].item():.8g}, expected {e[tuple(i)].item():.8g}"
+                 for i in idx]
         raise AssertionError(
             f"{name}: {int(bad.sum())}/{bad.numel()} elements differ (atol={atol:.3g}, rtol={rtol:.3g}, "
             f"max |diff|={diff.max().item():.3g}, NaN mismatches={int(nan_mismatch.sum())}, "

@@ -7,9 +7,9 @@ bit for bit whenever the fp32 logits do.
 Forward, one program per candidate row b: stream the user's keys in ``BLOCK_L`` tiles, compute
 ``q·k + pos`` in registers, pack each (logit, position) into one order-preserving int64 key
 (:func:`triton_kernels._triton.math.pack_score_index`) and merge the tile into the running top
-``K_PAD`` by replacing its minimum while the tile still holds a better key
-(no sort network per tile; a tile whose best key cannot enter costs one comparison), then order
-the survivors by repeated max extraction. The ``(B, L)`` logit matrix never reaches global memory. Then softmax
+``K_PAD`` by replacing its minimum while the tile still holds a better key (no sort network
+per tile; a tile whose best key cannot enter costs one comparison), then order the survivors by
+repeated max extraction. The ``(B, L)`` logit matrix never reaches global memory. Then softmax
 over the K selected logits and ``Σ w_k·values[u, idx_k]``.
 
 Backward, one program per row: ``dw_k = dout·v_k``, ``dlogit_k = w_k(dw_k − Σ_j w_j dw_j)``;
@@ -181,7 +181,8 @@ def _config(length: int, dim_a: int, dim_r: int, top_k: int, batch: int) -> Laun
     else:  # keep the (BLOCK_L, BLOCK_DA) key tile within ~8K fp32 registers per program
         block_l = min(256, max(16, 8192 // block_da))
     return LaunchConfig(block_size=block_l, num_warps=4, grid=(batch,),
-                        extra=(("K_PAD", k_pad), ("BLOCK_DA", block_da), ("BLOCK_DR", pow2_at_least(dim_r, 16))))
+                        extra=(("K_PAD", k_pad), ("BLOCK_DA", block_da),
+                               ("BLOCK_DR", pow2_at_least(dim_r, 16))))
 
 
 class _DareSearch(torch.autograd.Function):

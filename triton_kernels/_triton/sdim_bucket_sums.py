@@ -145,7 +145,8 @@ def sdim_bucket_sums_fwd(seq_emb: torch.Tensor, codes: torch.Tensor, mask: torch
     assert_shape("mask", mask, (u, length))
     check(codes.dtype == torch.int64, "codes must be int64")
     num_codes = 1 << hash_bits
-    x, codes, mask_u8 = seq_emb.contiguous(), codes.contiguous(), mask.to(torch.bool).contiguous().view(torch.uint8)
+    x, codes = seq_emb.contiguous(), codes.contiguous()
+    mask_u8 = mask.to(torch.bool).contiguous().view(torch.uint8)
     assert_contiguous(seq_emb=x, codes=codes, mask=mask_u8)
     block_d = pow2_at_least(dim, 16)
     block_c = pow2_at_least(num_codes, 16)

@@ -32,7 +32,8 @@ def _load_buckets(sums_ptr, stride_su, stride_sg, stride_sc, stride_sd,
     u = tl.load(user_ptr + b).to(tl.int64)
     code = tl.load(codes_ptr + b * stride_cb + gs * stride_cg, mask=g_ok, other=0)
     ok = g_ok & (code >= 0) & (code < num_codes)
-    off = u * stride_su + gs.to(tl.int64)[:, None] * stride_sg + code[:, None] * stride_sc + ds[None, :] * stride_sd
+    off = (u * stride_su + gs.to(tl.int64)[:, None] * stride_sg + code[:, None] * stride_sc
+           + ds[None, :] * stride_sd)
     tile_ok = ok[:, None] & (ds < dim)[None, :]
     return off, tile_ok
 

@@ -17,13 +17,13 @@ zero gradient (``F.normalize``'s ``v/max(‖v‖, eps)`` would give the same val
 gradient into an empty bucket).
 
 Cross-check against FuxiCTR (R2), ``model_zoo/LongCTR/SDIM/SDIM.py`` ``lsh_attentioin`` read at
-reczoo/FuxiCTR 5c0c308 (by reading, not run side by side): FuxiCTR sums the collided history rows per (hash group, sample) with
-``embedding_bag(mode='sum')``, optionally applies ``F.normalize`` (ℓ2, eps 1e-12, flag ``l2_norm``
-whose default is False) and takes ``.mean(0)`` over the hash groups. Our output equals FuxiCTR's
-with ``l2_norm=True`` (the paper's choice); with FuxiCTR's default ``l2_norm=False`` it would be
-the un-normalised mean, which is not the paper. Gradients: FuxiCTR's embedding_bag gives the
-history rows a gradient and the target none; here ``sums`` gets the gradient (and through
-:func:`sdim_bucket_sums` the history), and ``cand_codes`` none — identical.
+reczoo/FuxiCTR 5c0c308 (by reading, not run side by side): FuxiCTR sums the collided history rows
+per (hash group, sample) with ``embedding_bag(mode='sum')``, optionally applies ``F.normalize``
+(ℓ2, eps 1e-12, flag ``l2_norm`` whose default is False) and takes ``.mean(0)`` over the hash
+groups. Our output equals FuxiCTR's with ``l2_norm=True`` (the paper's choice); FuxiCTR's default
+``l2_norm=False`` gives the un-normalised mean, which is not the paper. Gradients: FuxiCTR's
+embedding_bag gives the history rows a gradient and the target none; here ``sums`` gets the
+gradient (and through :func:`sdim_bucket_sums` the history), and ``cand_codes`` none — identical.
 """
 
 from __future__ import annotations
