@@ -215,12 +215,16 @@ class OnlineTrainer:
         for slot in self.slots:
             batch = batches[slot.ranker.config.features]
             t1 = time.perf_counter()
-            slot.ranker.eval()
-            with torch.no_grad():
-                pred = torch.sigmoid(slot.ranker(batch)).numpy()
-                champ = torch.sigmoid(slot.champion(batch)).numpy() if slot.champion is not None else None
+            if slot.champion is not None:
+                with torch.no_grad():
+                    champ = torch.sigmoid(slot.champion(batch)).numpy()
+            else:
+                champ = None
             slot.ranker.train()
-            loss, _ = slot.train(batch, labels)
+            loss, (_, logits, _) = slot.train(batch, labels)
+            # Progressive validation: the training forward's logits are computed *before* this
+            # batch's update, so they are out-of-sample predictions (one forward saved per step).
+            pred = torch.sigmoid(logits).numpy()
             slot.opt.zero_grad(set_to_none=True)
             loss.backward()
             slot.opt.step()

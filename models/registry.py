@@ -14,6 +14,7 @@ import json
 import logging
 import tempfile
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,13 @@ def decide_promotion(challenger: float, champion: float | None, margin: float) -
     return PromotionDecision(False, f"challenger does not beat champion by more than {margin}", challenger, champion)
 
 
+def _save_pyfunc(mdir: Path, rdir: Path) -> None:
+    mlflow.pyfunc.save_model(
+        path=str(mdir), python_model=RankerPyfunc(), artifacts={"ranker": str(rdir)},
+        pip_requirements=["torch", "numpy", "pandas"],  # explicit: inference spawns a slow subprocess
+    )
+
+
 def log_ranker_version(client: MlflowClient, run_id: str, ranker: Any, registered_name: str,
                        tags: Mapping[str, Any]) -> str:
     """Log ``ranker`` under ``run_id`` as a pyfunc model and register it; returns the new version.
@@ -120,12 +128,12 @@ def log_ranker_version(client: MlflowClient, run_id: str, ranker: Any, registere
         rdir = Path(tmp) / "ranker"
         save_ranker(ranker, rdir)
         mdir = Path(tmp) / "model"
-        mlflow.pyfunc.save_model(
-            path=str(mdir), python_model=RankerPyfunc(), artifacts={"ranker": str(rdir)},
-            pip_requirements=["torch", "numpy", "pandas"],  # explicit: inference spawns a slow subprocess
-        )
+        with warnings.catch_warnings():  # MLflow nags about predict() type hints; the schema is documented
+            warnings.simplefilter("ignore", UserWarning)
+            _save_pyfunc(mdir, rdir)
         client.log_artifacts(run_id, str(mdir), artifact_path="model")
     source = f"runs:/{run_id}/model"
+
     try:
         client.create_registered_model(registered_name)
     except MlflowException:

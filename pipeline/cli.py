@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, get_args, get_origin
@@ -241,8 +242,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("kafka", "mlflow", "alembic", "urllib3"):
+    for noisy in ("kafka", "alembic", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING if not args.verbose else logging.INFO)
+    # MLflow: no artifact progress bars; its pyfunc-pickling notice does not apply (our model holds
+    # no state: weights travel as state_dict + config and are rebuilt by models.load_ranker).
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow").setLevel(logging.ERROR if not args.verbose else logging.INFO)
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:

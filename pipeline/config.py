@@ -8,10 +8,10 @@ with ONE readable line (:func:`load_settings` raises :class:`ConfigError`).
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import tomllib
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 

@@ -38,6 +38,10 @@ BAD_RECORDS: list[bytes] = [
 ]
 
 
+#: After the worker finished, how long the trainer may take to learn the remaining samples.
+TRAIN_DRAIN_TIMEOUT_S = 600
+
+
 class DemoFailure(RuntimeError):
     pass
 
@@ -53,7 +57,6 @@ def _percentile(xs: list[float], q: float) -> float:
 def run_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
 
     from models.online import TrainerSettings, run_trainer
     from pipeline.broker import EmbeddedBroker, create_topics, free_port
@@ -82,7 +85,18 @@ def run_demo(args: argparse.Namespace) -> int:
     with EmbeddedBroker() as broker, progress:
         bootstrap = broker.bootstrap
         common = {"bootstrap_servers": bootstrap}
-        # 1. produce --------------------------------------------------------------------------------
+        # 1. worker process first: its group join (up to max_poll_interval) overlaps production ----
+        from pipeline.state import open_store
+
+        open_store(store_uri).close()  # create it, so the trainer can open it read-only right away
+        create_topics(bootstrap, {"events": 4, "samples": 4, "events.dlq": 1})
+        worker_log = open(work / "worker.log", "w")  # noqa: SIM115
+        worker_proc = subprocess.Popen(
+            _ctrstream() + ["worker", "--bootstrap-servers", bootstrap, "--store", store_uri,
+                            "--exit-when-idle", "5", "--drain-on-exit", "--max-poll-interval-ms", "20000",
+                            "--session-timeout-ms", "10000"],
+            stdout=subprocess.PIPE, stderr=worker_log, text=True)
+        # 2. produce --------------------------------------------------------------------------------
         stream = generate(cfg)
         summary["bayes_auc"] = stream.bayes_auc
         t_prod = progress.add_task("produce", total=len(stream.events) + len(BAD_RECORDS), info="")
@@ -95,18 +109,7 @@ def run_demo(args: argparse.Namespace) -> int:
         bad.close()
         progress.update(t_prod, completed=n + len(BAD_RECORDS), info=f"{n:,} events + {len(BAD_RECORDS)} bad")
         summary["events_in"] = n + len(BAD_RECORDS)
-        create_topics(bootstrap, {"samples": 4})
 
-        # 2. worker process, concurrently with the trainer -------------------------------------------
-        from pipeline.state import open_store
-
-        open_store(store_uri).close()  # create it, so the trainer can open it read-only right away
-        worker_log = open(work / "worker.log", "w")  # noqa: SIM115
-        worker_proc = subprocess.Popen(
-            _ctrstream() + ["worker", "--bootstrap-servers", bootstrap, "--store", store_uri,
-                            "--exit-when-idle", "4", "--drain-on-exit", "--max-poll-interval-ms", "4000",
-                            "--session-timeout-ms", "4000"],
-            stdout=subprocess.PIPE, stderr=worker_log, text=True)
         expected: dict[str, int] = {}
 
         def wait_worker() -> None:
@@ -136,7 +139,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 stop.set()
                 return
             target = expected.get("samples", 0)
-            deadline = time.monotonic() + 120
+            deadline = time.monotonic() + TRAIN_DRAIN_TIMEOUT_S
             while time.monotonic() < deadline and not stop.is_set():
                 tr = trainer_ref[0] if trainer_ref else None
                 if tr is not None and tr.samples >= target:
@@ -199,7 +202,7 @@ def _score_calls(progress: Any, target: str, proc: subprocess.Popen[str], stream
         try:
             if client.health(timeout=1.0) == "SERVING":
                 break
-        except Exception:  # noqa: BLE001 - not listening yet
+        except Exception:  # noqa: BLE001, S110 - not listening yet
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             raise DemoFailure("scorer did not become ready (see scorer.log)")

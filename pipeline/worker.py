@@ -340,6 +340,8 @@ def run_worker(settings: WorkerSettings, *, stop: threading.Event | None = None,
             records = consumer.poll_batch(settings.max_poll_records, settings.poll_timeout_ms)
             if not last_data and assigned_at:
                 last_data = assigned_at[0]  # idleness counts from the first partition assignment
+            if last_data and not records and not consumer.assignment():
+                last_data = time.monotonic()  # a rebalance in progress is not idleness
             if pending_seeks:
                 for tp, off in pending_seeks.items():
                     consumer.seek(tp, off)
