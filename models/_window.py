@@ -6,21 +6,7 @@ from collections import deque
 
 import numpy as np
 
-from pipeline.datasets.synthetic import roc_auc
-
-
-def gauc(pred: np.ndarray, y: np.ndarray, users: np.ndarray) -> float:
-    """Impression-weighted mean of per-user AUC over users with both labels."""
-    order = np.argsort(users, kind="stable")
-    u, p, t = users[order], pred[order], y[order]
-    bounds = np.flatnonzero(np.diff(u)) + 1
-    num = den = 0.0
-    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(u)], strict=True):
-        yy = t[lo:hi]
-        if 0 < yy.sum() < len(yy):
-            num += (hi - lo) * roc_auc(p[lo:hi], yy)
-            den += hi - lo
-    return num / den if den else float("nan")
+from models.metrics import auc, calibration, gauc, logloss
 
 
 class MetricWindow:
@@ -44,14 +30,12 @@ class MetricWindow:
             return {}
         p = np.fromiter(self._p, float)
         y = np.fromiter(self._y, float)
-        pc = np.clip(p, 1e-7, 1 - 1e-7)
-        rate = y.mean()
         return {
-            "auc": roc_auc(p, y),
+            "auc": auc(p, y),
             "gauc": gauc(p, y, np.fromiter(self._u, np.int64)),
-            "logloss": float(-np.mean(y * np.log(pc) + (1 - y) * np.log(1 - pc))),
-            "calibration": float(p.mean() / rate) if rate > 0 else float("nan"),
-            "ctr": float(rate),
+            "logloss": logloss(p, y),
+            "calibration": calibration(p, y),
+            "ctr": float(y.mean()),
         }
 
     def compare(self) -> tuple[float, float, int]:
@@ -63,8 +47,8 @@ class MetricWindow:
         y = np.fromiter(self._y, float)[keep]
         if n == 0:
             all_p = np.fromiter(self._p, float)
-            return roc_auc(all_p, np.fromiter(self._y, float)), float("nan"), 0
-        return roc_auc(p, y), roc_auc(c[keep], y), n
+            return auc(all_p, np.fromiter(self._y, float)), float("nan"), 0
+        return auc(p, y), auc(c[keep], y), n
 
     def reset_champion(self) -> None:
         self._c = deque([float("nan")] * len(self._c), maxlen=self.size)

@@ -270,7 +270,7 @@ class OnlineTrainer:
                      decision.reason)
 
     def finish(self, failed: bool = False) -> list[ModelReport]:
-        from pipeline.datasets.synthetic import roc_auc
+        from models.metrics import auc, logloss
 
         reports = []
         for slot in self.slots:
@@ -279,9 +279,8 @@ class OnlineTrainer:
             if slot.all_preds:
                 p = np.concatenate(slot.all_preds)
                 y = np.concatenate(slot.all_labels)
-                rep.auc = roc_auc(p, y)
-                pc = np.clip(p, 1e-7, 1 - 1e-7)
-                rep.logloss = float(-np.mean(y * np.log(pc) + (1 - y) * np.log(1 - pc)))
+                rep.auc = auc(p, y)
+                rep.logloss = logloss(p, y)
                 slot.tracker.log_metrics({"progressive_auc_total": rep.auc, "progressive_logloss_total": rep.logloss},
                                          step=rep.samples)
             rep.window_auc = slot.window.metrics().get("auc", float("nan"))
