@@ -47,7 +47,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     a("--max-message-bytes", type=int, help="max request/response size (default: 4 MiB)")
     a("--workers", type=int, help="scoring threads (default: 1)")
     a("--max-queue", type=int, help="requests allowed to wait for a worker before RESOURCE_EXHAUSTED (default: 32)")
-    a("--torch-threads", type=int, help="torch intra-op threads (default: cores / workers)")
+    a("--torch-threads", type=int, help="torch intra-op threads (default: 1; see ServerConfig)")
     a("--cache-mb", type=int, help="per-user encoding cache budget in MiB (default: 256; 0 = off)")
     a("--max-candidates", type=int, help="max candidates per request (default: 2000)")
     a("--min-deadline-ms", type=float, help="refuse requests with less deadline left (default: 2)")

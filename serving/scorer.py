@@ -189,8 +189,27 @@ class EncodingCache:
         return len(self._data)
 
 
-def _nbytes(enc: Encoding) -> int:
-    return sum(t.element_size() * t.nelement() for t in enc.values() if isinstance(t, torch.Tensor))
+def _compact(enc: Encoding) -> tuple[Encoding, int]:
+    """``enc`` with every view that keeps a larger buffer alive copied out, and the bytes it holds.
+
+    Encodings can be views: a ranker's short-window ``hist_emb[:, :50]`` keeps the whole
+    ``(1, L, d)`` embedding of a 10,000-long history alive. Caching such a view would make the byte
+    budget lie by orders of magnitude, so the cache stores compact copies and counts storages.
+    """
+    out: Encoding = {}
+    seen: set[int] = set()
+    total = 0
+    for k, t in enc.items():
+        if isinstance(t, torch.Tensor):
+            storage = t.untyped_storage()
+            if storage.nbytes() > t.nelement() * t.element_size():
+                t = t.clone()
+                storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        out[k] = t
+    return out, total
 
 
 def _hash_all(ids: Sequence[str]) -> np.ndarray:
@@ -344,7 +363,8 @@ class Scorer:
                 with torch.inference_mode():
                     encoding = ranker.extend_encoding(entry.encoding, batch)
                 window = min(entry.window + new, spec.seq_len)
-                self.cache.put(key, _Entry(end, window, encoding, _nbytes(encoding)))
+                encoding, nbytes = _compact(encoding)
+                self.cache.put(key, _Entry(end, window, encoding, nbytes))
                 return encoding, window, CacheOutcome.EXTEND
 
         hist = store.read(user, end=end, max_len=spec.seq_len) if end else empty_behaviors()
@@ -352,7 +372,8 @@ class Scorer:
         with torch.inference_mode():
             encoding = ranker.encode(batch)
         if use_cache:
-            self.cache.put(key, _Entry(end, len(hist), encoding, _nbytes(encoding)))
+            encoding, nbytes = _compact(encoding)
+            self.cache.put(key, _Entry(end, len(hist), encoding, nbytes))
         return encoding, len(hist), outcome
 
     @staticmethod

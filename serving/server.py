@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import os
 import signal
 import threading
 from collections.abc import Coroutine
@@ -273,8 +272,11 @@ async def _serve_until_signal(config: ServerConfig) -> int:
 
 def serve(config: ServerConfig) -> int:
     """Run the scorer in the foreground until SIGTERM/SIGINT; returns the exit code (0 = clean)."""
-    threads = config.torch_threads or max(1, (os.cpu_count() or 1) // config.workers)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(config.torch_threads)
+    try:
+        torch.set_num_interop_threads(1)  # no inter-op parallelism in a forward pass here
+    except RuntimeError:  # already set (an embedding program ran torch before)
+        pass
     return asyncio.run(_serve_until_signal(config))
 
 

@@ -106,6 +106,8 @@ def test_mlflow_registry_source(tmp_path, make_store):
 
     r1, r2 = build_test_ranker("din", seed=1), build_test_ranker("din", seed=2)
     v1 = log_ranker_version(client, run.info.run_id, r1, "ctr", tags={})
+    # the source must use its own tracking URI, not the process-global one the trainer set
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")
     assert source.current_version() is None  # registered, but no champion alias yet
     client.set_registered_model_alias("ctr", "champion", v1)
     assert source.current_version() == v1
@@ -117,7 +119,9 @@ def test_mlflow_registry_source(tmp_path, make_store):
     res = scorer.score(ScoringRequest("alice", ITEMS, CATS))
     np.testing.assert_allclose(res.scores, direct_scores(r1, store, "alice"), rtol=1e-5, atol=1e-6)
 
+    mlflow.set_tracking_uri(uri)
     v2 = log_ranker_version(client, run.info.run_id, r2, "ctr", tags={})
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")
     assert reloader.check_once() is False  # challenger only: champion has not moved
     client.set_registered_model_alias("ctr", "champion", v2)
     assert reloader.check_once() is True and scorer.model.version == v2

@@ -12,7 +12,7 @@ from models.features import build_batch
 from pipeline.events import hash_id
 from pipeline.state import StateDelta
 from serving.errors import DeadlineTooShort, ModelNotLoaded, StoreUnavailable
-from serving.scorer import CacheOutcome, EncodingCache, LoadedModel, Scorer, ScoringRequest, _Entry
+from serving.scorer import CacheOutcome, EncodingCache, LoadedModel, Scorer, ScoringRequest, _compact, _Entry
 from tests.serving.fixtures import TinyConfig, TinyRanker, behaviors, build_test_ranker, real_models
 
 ITEMS = [f"i{k}" for k in range(37)]  # prime count: no accidental power-of-two shapes
@@ -141,6 +141,17 @@ def test_cache_is_bounded_in_bytes_and_per_version():
     cache.put(("2", 1), entry(100))
     cache.drop_versions_except("2")
     assert len(cache) == 1 and cache.nbytes == 100
+
+
+def test_cached_views_do_not_pin_their_base_tensor():
+    """A short-window view of a 10,000-long embedding must not keep the whole buffer in the cache."""
+    hist_emb = torch.zeros(1, 10_000, 32)  # (U, L, d)
+    enc = {"short_emb": hist_emb[:, :50], "short_mask": torch.ones(1, 50, dtype=torch.bool),
+           "alias": hist_emb[:, :50]}
+    out, nbytes = _compact(enc)
+    assert out["short_emb"].untyped_storage().nbytes() == 50 * 32 * 4
+    assert nbytes == 50 * 32 * 4 * 2 + 50  # storages are counted, each once
+    torch.testing.assert_close(out["short_emb"], enc["short_emb"])
 
 
 def test_swap_keeps_in_flight_requests_on_their_model(make_store):
