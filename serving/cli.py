@@ -124,7 +124,7 @@ def score_command(args: argparse.Namespace) -> int:
         try:
             scores, name, version = client.score(args.user, items, cats, timeout=args.timeout)
         except grpc.RpcError as exc:
-            print(f"ctrstream score: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            print(f"ctrstream score: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
     out = {"model_name": name, "model_version": version,
            "scores": [{"item": i, "score": round(s, 6)} for i, s in zip(items, scores, strict=True)]}

@@ -80,7 +80,7 @@ def _same_kind(handler: grpc.RpcMethodHandler, behavior: Behavior) -> grpc.RpcMe
         (True, False): grpc.stream_unary_rpc_method_handler,
         (True, True): grpc.stream_stream_rpc_method_handler,
     }[(bool(handler.request_streaming), bool(handler.response_streaming))]
-    return factory(  # type: ignore[no-any-return, operator]
+    return factory(
         behavior,
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,

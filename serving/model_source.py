@@ -131,8 +131,8 @@ def _ranker_dir(model_dir: Path) -> Path:
         rel = (
             meta.get("flavors", {}).get("python_function", {}).get("artifacts", {}).get("ranker", {}).get("path")
         )
-        if rel and (model_dir / rel).is_dir():
-            return model_dir / rel
+        if rel and (model_dir / str(rel)).is_dir():
+            return model_dir / str(rel)
     fallback = model_dir / "artifacts" / "ranker"
     if fallback.is_dir():
         return fallback

@@ -117,7 +117,7 @@ def test_queued_request_past_its_deadline_is_not_scored(make_store, model_dir, s
 
 
 def test_overload_answers_resource_exhausted(make_store, model_dir, start_server):
-    model_dir.publish(TinyRanker(TinyConfig(), delay_s=0.3), "1")
+    model_dir.publish(TinyRanker(TinyConfig(), delay_s=0.5), "1")
     running = start_server(store=make_store(), source=model_dir.source, workers=1, max_queue=1)
     client = running.client()
 
@@ -137,7 +137,7 @@ def test_overload_answers_resource_exhausted(make_store, model_dir, start_server
         codes = [f.result() for f in futures]
     assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
     assert codes.count("OK") >= 2 and codes.count("RESOURCE_EXHAUSTED") >= 1, codes
-    assert health_latency < 0.25
+    assert health_latency < 0.5  # the two admitted requests hold the worker for >= 1 s
     assert client.score("alice", ITEMS, CATS, timeout=5)[2] == "1"  # recovers once drained
 
 
