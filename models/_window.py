@@ -50,5 +50,14 @@ class MetricWindow:
             return auc(all_p, np.fromiter(self._y, float)), float("nan"), 0
         return auc(p, y), auc(c[keep], y), n
 
+    def state(self) -> dict[str, list[float] | list[int]]:
+        return {"p": list(self._p), "y": list(self._y), "u": list(self._u), "c": list(self._c)}
+
+    def load_state(self, st: dict[str, list[float] | list[int]]) -> None:
+        self._p.extend(st["p"])
+        self._y.extend(st["y"])
+        self._u.extend(st["u"])  # type: ignore[arg-type]
+        self._c.extend(st["c"])
+
     def reset_champion(self) -> None:
         self._c = deque([float("nan")] * len(self._c), maxlen=self.size)

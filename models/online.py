@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import signal
 import subprocess
 import threading
@@ -28,6 +29,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,12 +49,17 @@ from models.registry import (
 from models.tracking import RunTracker, default_tracking_uri
 from pipeline.config import DEFAULT_STORE, CommonSettings
 from pipeline.events import RawRecord
+from pipeline.exceptions import ConfigError
 from pipeline.kafka import make_assigned_consumer
 from pipeline.state import open_store
 
 __all__ = ["TrainerSettings", "OnlineTrainer", "run_trainer", "ModelReport"]
 
 log = logging.getLogger(__name__)
+
+#: Progressive predictions kept for the whole-run AUC in reports (older ones are dropped).
+TOTAL_HISTORY = 2_000_000
+STATE_FILE = "state.pt"
 
 #: Recently learned sample ids remembered for de-duplication. Replays after a worker crash re-emit
 #: at most one attribution window of samples, far fewer than this.
@@ -78,6 +85,8 @@ class TrainerSettings(CommonSettings):
     exit_when_idle: float | None = Field(None, gt=0)  # stop after this many seconds without samples
     seed: int = 0  # model initialisation seed
     store_wait_s: float = Field(30.0, ge=0)  # wait this long for the store to reach a sample's seq_pos
+    checkpoint_dir: str = ".ctrstream/trainer"  # crash-safe state: models, optimizers, windows, offsets
+    state_every: int = Field(1000, gt=0)  # samples between crash-safe state saves
 
 
 @dataclass
@@ -109,6 +118,7 @@ class _Slot:
     champion_version: str | None = None
     report: ModelReport | None = None
     step_s: float = 0.0
+    registered_at: int = -1  # samples learned when the last registry version was logged
 
 
 def _code_version() -> str:
@@ -153,6 +163,64 @@ class OnlineTrainer:
             self._load_champion(slot)
             self.slots.append(slot)
         self.read_len = max(s.ranker.config.features.seq_len for s in self.slots)
+        self.state_path = Path(settings.checkpoint_dir) / STATE_FILE
+        self.resumed = self._restore()
+
+    # ---- crash-safe state -----------------------------------------------------------------------------
+    def save_state(self) -> None:
+        """Models, optimizers, windows, learned ids and consumed offsets, written atomically together."""
+        state = {
+            "presets": [s.preset for s in self.slots],
+            "offsets": [[t, p, o] for (t, p), o in sorted(self.offsets.items())],
+            "seen": list(self._seen),
+            "samples": self.samples,
+            "duplicates": self.duplicates,
+            "slots": [{
+                "model": s.ranker.state_dict(), "optimizer": s.opt.state_dict(), "window": s.window.state(),
+                "steps": s.report.steps if s.report else 0, "samples": s.report.samples if s.report else 0,
+                "versions": list(s.report.versions) if s.report else [], "step_s": s.step_s,
+                "registered_at": s.registered_at,
+                "preds": np.concatenate(s.all_preds).tolist() if s.all_preds else [],
+                "labels": np.concatenate(s.all_labels).tolist() if s.all_labels else [],
+            } for s in self.slots],
+        }
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.state_path)  # atomic: a crash leaves the old state or the new one
+
+    def _restore(self) -> bool:
+        if not self.state_path.exists():
+            return False
+        st = torch.load(self.state_path, weights_only=True)
+        presets = [s.preset for s in self.slots]
+        if st["presets"] != presets:
+            raise ConfigError(f"checkpoint {self.state_path} holds models {st['presets']}, not {presets}; "
+                              "use another --checkpoint-dir or the same --models")
+        self.offsets = {(t, int(p)): int(o) for t, p, o in st["offsets"]}
+        self._seen = OrderedDict((sid, None) for sid in st["seen"])
+        self.samples, self.duplicates = int(st["samples"]), int(st["duplicates"])
+        for slot, ss in zip(self.slots, st["slots"], strict=True):
+            slot.ranker.load_state_dict(ss["model"])
+            slot.opt.load_state_dict(ss["optimizer"])
+            slot.window.load_state(ss["window"])
+            slot.step_s = float(ss["step_s"])
+            slot.registered_at = int(ss["registered_at"])
+            if ss["preds"]:
+                slot.all_preds.append(np.asarray(ss["preds"], dtype=np.float64))
+                slot.all_labels.append(np.asarray(ss["labels"], dtype=np.float64))
+            assert slot.report is not None
+            slot.report.steps, slot.report.samples = int(ss["steps"]), int(ss["samples"])
+            slot.report.versions = list(ss["versions"])
+        log.info("resumed from %s: %d samples learned, offsets %s", self.state_path, self.samples, self.offsets)
+        return True
+
+    @property
+    def learned_ids(self) -> list[str]:
+        return list(self._seen)
 
     def _load_champion(self, slot: _Slot) -> None:
         try:
@@ -233,6 +301,9 @@ class OnlineTrainer:
             slot.window.add(pred, y, user_arr, champ)
             slot.all_preds.append(pred)
             slot.all_labels.append(y)
+            while sum(len(a) for a in slot.all_preds) > TOTAL_HISTORY:
+                slot.all_preds.pop(0)
+                slot.all_labels.pop(0)
             rep = slot.report
             assert rep is not None
             rep.samples += len(samples)
@@ -241,16 +312,20 @@ class OnlineTrainer:
             m.update({"loss": float(loss.detach()), "samples_per_s": rep.samples / max(slot.step_s, 1e-9),
                       "seq_read_ms": 1000 * self.data_s / max(rep.steps, 1)})
             slot.tracker.log_metrics(m, step=rep.samples)
-        if self.samples // self.s.checkpoint_every != (self.samples - len(samples)) // self.s.checkpoint_every:
+        before = self.samples - len(samples)
+        if self.samples // self.s.checkpoint_every != before // self.s.checkpoint_every:
             self.checkpoint()
+        if self.samples // self.s.state_every != before // self.s.state_every:
+            self.save_state()
 
     # ---- registry -----------------------------------------------------------------------------------
     def checkpoint(self) -> None:
         for slot in self.slots:
             rep = slot.report
             assert rep is not None
-            if rep.samples == 0:
-                continue
+            if rep.samples == 0 or rep.samples == slot.registered_at:
+                continue  # nothing new since the last version
+            slot.registered_at = rep.samples
             wm = slot.window.metrics()
             tags = {"preset": slot.preset, "samples": rep.samples, "code_version": self.code_version,
                     "input_offsets": json.dumps({f"{t}/{p}": o for (t, p), o in sorted(self.offsets.items())}),
@@ -302,7 +377,8 @@ def run_trainer(settings: TrainerSettings, *, stop: threading.Event | None = Non
     torch.set_num_threads(max(1, torch.get_num_threads()))
     trainer = OnlineTrainer(settings)
     consumer = make_assigned_consumer(settings.kafka_client, settings.bootstrap_servers, [settings.samples_topic],
-                                      settings.group_id, max_poll_records=settings.batch_size)
+                                      settings.group_id, max_poll_records=settings.batch_size,
+                                      start=dict(trainer.offsets) if trainer.resumed else None)
     last = time.monotonic()
     failed = False
     buf: deque[RawRecord] = deque()
@@ -320,6 +396,7 @@ def run_trainer(settings: TrainerSettings, *, stop: threading.Event | None = Non
             elif not recs and settings.exit_when_idle and time.monotonic() - last > settings.exit_when_idle:
                 break
         trainer.checkpoint()
+        trainer.save_state()
     except BaseException:
         failed = True
         raise

@@ -42,6 +42,9 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 
 
+warnings.filterwarnings("ignore", message=".*type hint.*", category=UserWarning)  # MLflow, at class creation
+
+
 class RankerPyfunc(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
     """Scores a DataFrame with one row per (history, candidate).
 

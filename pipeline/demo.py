@@ -156,7 +156,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
         threading.Thread(target=watchdog, daemon=True).start()
         ts = TrainerSettings(bootstrap_servers=bootstrap, store=store_uri, models=models, tracking_uri=tracking_uri,
-                             seq_len=1000, short_len=50, lr=1e-2,
+                             seq_len=1000, short_len=50, lr=1e-2, checkpoint_dir=str(work / "trainer"),
                              item_buckets=1 << 15, category_buckets=1 << 10, checkpoint_every=4000)
         reports = run_trainer(ts, stop=stop, on_step=on_step_ref, install_signals=False)
         wt.join(timeout=60)

@@ -85,7 +85,8 @@ def test_demo_path_small(broker, tmp_path):
     ts = TrainerSettings(bootstrap_servers=broker.bootstrap, samples_topic=ps.samples_topic, group_id=f"t-{tag}",
                          store=store, models="din,sdim", tracking_uri=uri, exit_when_idle=3, batch_size=64,
                          seq_len=200, short_len=20, item_buckets=4096, category_buckets=512,
-                         registered_prefix=f"e2e-{tag}-", checkpoint_every=100)
+                         registered_prefix=f"e2e-{tag}-", checkpoint_every=100,
+                         checkpoint_dir=str(tmp_path / "trainer"))
     reports = run_trainer(ts, install_signals=False)
     assert [r.samples for r in reports] == [len(samples)] * 2
     champion = resolve_alias(f"e2e-{tag}-sdim", "champion", uri)
