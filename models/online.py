@@ -146,6 +146,7 @@ class OnlineTrainer:
         self._seen: OrderedDict[str, None] = OrderedDict()
         self.duplicates = 0
         self.samples = 0
+        self.consumer_lag = float("nan")  # samples not yet consumed (set by the run loop)
         self.data_s = 0.0
         self.slots: list[_Slot] = []
         torch.manual_seed(settings.seed)
@@ -310,7 +311,8 @@ class OnlineTrainer:
             rep.steps += 1
             m = slot.window.metrics()
             m.update({"loss": float(loss.detach()), "samples_per_s": rep.samples / max(slot.step_s, 1e-9),
-                      "seq_read_ms": 1000 * self.data_s / max(rep.steps, 1)})
+                      "seq_read_ms": 1000 * self.data_s / max(rep.steps, 1), "consumer_lag": self.consumer_lag,
+                      "duplicates_skipped": float(self.duplicates)})
             slot.tracker.log_metrics(m, step=rep.samples)
         before = self.samples - len(samples)
         if self.samples // self.s.checkpoint_every != before // self.s.checkpoint_every:
@@ -366,6 +368,38 @@ class OnlineTrainer:
         return reports
 
 
+class _LagProbe:
+    """Consumer lag = end offsets − consumed offsets, from a group-less consumer (every few steps)."""
+
+    EVERY = 20  # steps between probes: one metadata round trip each
+
+    def __init__(self, settings: TrainerSettings) -> None:
+        self.s = settings
+        self._c: Any = None
+        self.steps = 0
+        self.last: float = float("nan")
+
+    def __call__(self, offsets: dict[tuple[str, int], int]) -> float:
+        self.steps += 1
+        if self.s.kafka_client != "kafka-python" or (self.steps - 1) % self.EVERY:
+            return self.last
+        try:
+            from kafka import KafkaConsumer, TopicPartition
+
+            if self._c is None:
+                self._c = KafkaConsumer(bootstrap_servers=self.s.bootstrap_servers, enable_auto_commit=False)
+            tps = [TopicPartition(t, p) for (t, p) in offsets]
+            ends = self._c.end_offsets(tps)
+            self.last = float(sum(max(0, ends[tp] - offsets[(tp.topic, tp.partition)]) for tp in tps))
+        except Exception as e:  # noqa: BLE001 - a metric must never stop training
+            log.debug("lag probe failed: %s", e)
+        return self.last
+
+    def close(self) -> None:
+        if self._c is not None:
+            self._c.close()
+
+
 def run_trainer(settings: TrainerSettings, *, stop: threading.Event | None = None,
                 on_step: Callable[[OnlineTrainer], None] | None = None,
                 install_signals: bool = True) -> list[ModelReport]:
@@ -382,12 +416,14 @@ def run_trainer(settings: TrainerSettings, *, stop: threading.Event | None = Non
     last = time.monotonic()
     failed = False
     buf: deque[RawRecord] = deque()
+    lag = _LagProbe(settings)
     try:
         while not stop.is_set():
             recs = consumer.poll_batch(settings.batch_size, 500)
             buf.extend(recs)
             if len(buf) >= settings.batch_size or (buf and not recs):
                 take = [buf.popleft() for _ in range(min(settings.batch_size, len(buf)))]
+                trainer.consumer_lag = lag(trainer.offsets)
                 trainer.learn(trainer._parse(take))  # noqa: SLF001
                 consumer.commit(dict(trainer.offsets))
                 last = time.monotonic()
@@ -402,5 +438,6 @@ def run_trainer(settings: TrainerSettings, *, stop: threading.Event | None = Non
         raise
     finally:
         consumer.close()
+        lag.close()
         reports = trainer.finish(failed)
     return reports

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 __all__ = ["run_demo", "DemoFailure"]
 
@@ -133,8 +134,13 @@ def run_demo(args: argparse.Namespace) -> int:
             info = "  ".join(f"{s.preset} auc={s.window.metrics().get('auc', float('nan')):.3f}" for s in tr.slots)
             progress.update(t_train, completed=tr.samples + tr.duplicates, info=info)
 
+        # 2 cores: while the worker process runs, one torch thread (oversubscribed OpenMP threads spin
+        # and thrash); all cores once it is done.
+        torch.set_num_threads(1)
+
         def watchdog() -> None:
             wt.join()
+            torch.set_num_threads(max(1, os.cpu_count() or 1))
             if worker_proc is not None and worker_proc.returncode != 0:
                 stop.set()
                 return
