@@ -14,7 +14,8 @@ SUPPORTED_STORES = ("lmdb:///abs/path", "lmdb://./rel/path", "redis://host:port/
 
 def open_store(uri: str, *, cap: int | None = None, readonly: bool = False) -> SequenceStore:
     """Open a store from a URI: ``lmdb:///path`` (embedded default), ``redis://host:port/db``,
-    ``memory://`` (tests). ``?cap=N`` sets the lifelong cap."""
+    ``memory://`` (tests). ``?cap=N`` sets the lifelong cap; Redis also takes ``?namespace=NAME``
+    (key prefix) and ``?single_slot=1`` (Redis Cluster; see ``pipeline.state.redis``)."""
     parsed = urlparse(uri)
     q = parse_qs(parsed.query)
     if cap is None:
@@ -29,7 +30,13 @@ def open_store(uri: str, *, cap: int | None = None, readonly: bool = False) -> S
     if parsed.scheme in ("redis", "rediss"):
         from pipeline.state.redis import RedisSequenceStore
 
-        return RedisSequenceStore(uri.split("?")[0], cap=cap)
+        unknown = set(q) - {"cap", "namespace", "single_slot"}
+        if unknown:
+            raise StoreConfigError(f"unknown redis store option(s) {sorted(unknown)} in {uri!r} "
+                                   "(known: cap, namespace, single_slot)")
+        return RedisSequenceStore(uri.split("?")[0], cap=cap, namespace=q.get("namespace", ["ctrstream"])[0],
+                                  single_slot=q.get("single_slot", ["0"])[0].lower() in ("1", "true", "yes"),
+                                  readonly=readonly)
     if parsed.scheme == "memory":
         from pipeline.state.memory import MemorySequenceStore
 

@@ -3,10 +3,17 @@ rewrites, which a lifelong-cap trim deletes, which a read touches."""
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
+import numpy as np
+
+from pipeline.exceptions import StoreConfigError
 from pipeline.state.base import Behaviors
 from pipeline.state.serialization import CHUNK_ROWS
+
+_U16 = struct.Struct("<H")
+_I64 = np.dtype("<i8")
 
 
 @dataclass(frozen=True)
@@ -58,3 +65,57 @@ def read_range(start: int, end: int, req_end: int | None, max_len: int | None) -
 def clip(b: Behaviors, lo: int, hi: int) -> Behaviors:
     a, z = lo - b.start, hi - b.start
     return Behaviors(b.item[a:z], b.category[a:z], b.action[a:z], b.ts[a:z], lo)
+
+
+def append_chunks(start: int, end: int, tail: bytes | None, item: bytes, category: bytes, ts: bytes,
+                  action: bytes, cap: int) -> tuple[dict[int, bytes], list[int], int, int]:
+    """Byte-level append for the chunked backends: the same plan as :func:`plan_append`, on encoded
+    columns, without decoding the tail chunk into arrays.
+
+    ``tail`` is the stored chunk that holds position ``end - 1`` when ``end`` is not on a chunk
+    boundary (None otherwise); the new rows come as little-endian column bytes (item/category/ts
+    ``i64``, action ``u8``). Returns ``(writes, deletes, new_start, new_end)``: encoded chunks to put
+    by chunk index, chunk indices to delete (lifelong cap), and the new position range. The Redis
+    backend runs the same algorithm inside its commit script (``pipeline.state.redis``).
+    """
+    n_new = len(action)
+    tci = tail_chunk_index(end)
+    first = end
+    if tci is not None:
+        if tail is None:
+            raise StoreConfigError(f"store is corrupt: tail chunk {tci} is missing (rebuild the store)")
+        (tn,) = _U16.unpack_from(tail, 0)
+        first = tci * CHUNK_ROWS
+        if first + tn != end:
+            raise StoreConfigError(f"store is corrupt: tail chunk {tci} holds {tn} rows, position says "
+                                   f"{end - first} (rebuild the store)")
+        o = 2
+        item = tail[o:o + 8 * tn] + item
+        o += 8 * tn
+        category = tail[o:o + 8 * tn] + category
+        o += 8 * tn
+        ts = tail[o:o + 8 * tn] + ts
+        o += 8 * tn
+        action = tail[o:o + tn] + action
+    n = len(action)
+    new_end = end + n_new
+    new_start = max(start, new_end - cap)
+    keep_from = new_start // CHUNK_ROWS
+    writes: dict[int, bytes] = {}
+    pos = first
+    k = 0
+    while k < n:
+        ci = pos // CHUNK_ROWS
+        take = min(CHUNK_ROWS - pos % CHUNK_ROWS, n - k)
+        if ci >= keep_from:
+            a, z = 8 * k, 8 * (k + take)
+            writes[ci] = b"".join((_U16.pack(take), item[a:z], category[a:z], ts[a:z], action[k:k + take]))
+        pos += take
+        k += take
+    return writes, list(range(start // CHUNK_ROWS, keep_from)), new_start, new_end
+
+
+def column_bytes(b: Behaviors) -> tuple[bytes, bytes, bytes, bytes]:
+    """The four little-endian columns of ``b`` as bytes (item, category, ts, action)."""
+    return (b.item.astype(_I64, copy=False).tobytes(), b.category.astype(_I64, copy=False).tobytes(),
+            b.ts.astype(_I64, copy=False).tobytes(), b.action.astype(np.uint8, copy=False).tobytes())

@@ -17,11 +17,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Behaviors", "SequenceStore", "StateDelta", "empty_behaviors", "DEFAULT_LIFELONG_CAP"]
+from pipeline.exceptions import OffsetRegressionError
+
+__all__ = ["Behaviors", "SequenceStore", "StateDelta", "empty_behaviors", "DEFAULT_LIFELONG_CAP",
+           "check_expected_offsets"]
 
 #: Behaviors kept per user; older ones are trimmed while positions stay absolute. 100k covers the
 #: "lifelong" range of the papers (SDIM/DARE evaluate up to ~50k) with headroom.
 DEFAULT_LIFELONG_CAP = 100_000
+#: Users read per ``read_many`` call by :meth:`SequenceStore.digest` and ``stats``: one Redis round
+#: trip (or LMDB read transaction) per 64 users keeps a full scan at network speed while holding at
+#: most 64 full sequences (64 x 100k x 25 B = 160 MB at the cap, far less in practice) in memory.
+DIGEST_READ_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -73,8 +80,14 @@ class StateDelta:
     """Everything one worker batch changes, applied atomically by :meth:`SequenceStore.commit`.
 
     ``appends`` maps user -> new behaviors (in order). ``pending_put``/``pending_del`` edit the
-    pending-impression table (key -> opaque bytes), ``offsets`` are the next offsets to consume per
-    (topic, partition) for the consumer ``group``; ``meta`` holds small worker values (watermarks).
+    pending-impression table (key -> opaque bytes; deletes apply before puts), ``offsets`` are the
+    next offsets to consume per (topic, partition) for the consumer ``group``; ``meta`` holds small
+    worker values (watermarks).
+
+    ``expect_offsets`` fences the commit: for each (topic, partition) listed, the offset the
+    committer believes is stored now (None: none stored). If the store holds anything else (another
+    worker committed that partition since, e.g. after a rebalance this worker missed), the commit
+    applies nothing and raises :class:`~pipeline.exceptions.OffsetRegressionError`.
     """
 
     group: str
@@ -83,6 +96,17 @@ class StateDelta:
     pending_del: set[bytes] = field(default_factory=set)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     meta: dict[bytes, bytes] = field(default_factory=dict)
+    expect_offsets: dict[tuple[str, int], int | None] = field(default_factory=dict)
+
+
+def check_expected_offsets(delta: StateDelta, stored: Mapping[tuple[str, int], int]) -> None:
+    """Raise when the stored offsets of ``delta.group`` differ from ``delta.expect_offsets``."""
+    for tp, want in delta.expect_offsets.items():
+        have = stored.get(tp)
+        if have != want:
+            raise OffsetRegressionError(
+                f"commit fenced: {delta.group}/{tp[0]}/{tp[1]} has stored offset {have}, this worker "
+                f"expected {want} (another worker committed it); reload the partition and seek")
 
 
 class SequenceStore(ABC):
@@ -104,6 +128,10 @@ class SequenceStore(ABC):
     @abstractmethod
     def length(self, user: int) -> int:
         """Absolute end position of the user's sequence (0 for an unknown user)."""
+
+    def lengths(self, users: Sequence[int]) -> list[int]:
+        """Batched :meth:`length`; backends override with one round trip / one read transaction."""
+        return [self.length(u) for u in users]
 
     @abstractmethod
     def commit(self, delta: StateDelta) -> None:
@@ -136,11 +164,13 @@ class SequenceStore(ABC):
         hold the same state have the same digest.
         """
         h = hashlib.sha256()
-        for user in self.users():
-            b = self.read(user)
-            h.update(struct.pack(">QQQ", user, b.start, b.end))
-            for col in (b.item, b.category, b.action, b.ts):
-                h.update(np.ascontiguousarray(col).astype(col.dtype.newbyteorder("<"), copy=False).tobytes())
+        users = list(self.users())
+        for i in range(0, len(users), DIGEST_READ_BATCH):
+            part = users[i:i + DIGEST_READ_BATCH]
+            for user, b in zip(part, self.read_many(part, [None] * len(part)), strict=True):
+                h.update(struct.pack(">QQQ", user, b.start, b.end))
+                for col in (b.item, b.category, b.action, b.ts):
+                    h.update(np.ascontiguousarray(col).astype(col.dtype.newbyteorder("<"), copy=False).tobytes())
         h.update(b"|pending|")
         for k, v in self.pending_items():
             h.update(struct.pack(">I", len(k)) + k + struct.pack(">I", len(v)) + v)
@@ -158,11 +188,14 @@ class SequenceStore(ABC):
         n_users = 0
         n_beh = 0
         longest = 0
-        for u in self.users():
-            n = len(self.read(u))
-            n_users += 1
-            n_beh += n
-            longest = max(longest, n)
+        users = list(self.users())
+        for i in range(0, len(users), DIGEST_READ_BATCH):
+            part = users[i:i + DIGEST_READ_BATCH]
+            for b in self.read_many(part, [None] * len(part)):
+                n = len(b)
+                n_users += 1
+                n_beh += n
+                longest = max(longest, n)
         n_pending = sum(1 for _ in self.pending_items())
         return {
             "users": n_users,

@@ -19,9 +19,16 @@ from pathlib import Path
 import lmdb
 
 from pipeline.exceptions import StoreConfigError
-from pipeline.state._chunks import clip, plan_append, read_range, tail_chunk_index
-from pipeline.state.base import DEFAULT_LIFELONG_CAP, Behaviors, SequenceStore, StateDelta, empty_behaviors
-from pipeline.state.serialization import CHUNK_ROWS, decode_chunk, decode_pos, encode_chunk, encode_pos
+from pipeline.state._chunks import append_chunks, clip, column_bytes, read_range, tail_chunk_index
+from pipeline.state.base import (
+    DEFAULT_LIFELONG_CAP,
+    Behaviors,
+    SequenceStore,
+    StateDelta,
+    check_expected_offsets,
+    empty_behaviors,
+)
+from pipeline.state.serialization import CHUNK_ROWS, decode_chunk, decode_pos, encode_pos
 
 __all__ = ["LmdbSequenceStore"]
 
@@ -105,6 +112,10 @@ class LmdbSequenceStore(SequenceStore):
         with self.env.begin() as txn:
             return decode_pos(txn.get(_user_key(user), db=self._pos))[1]
 
+    def lengths(self, users: Sequence[int]) -> list[int]:
+        with self.env.begin(db=self._pos) as txn:
+            return [decode_pos(txn.get(_user_key(u)))[1] for u in users]
+
     def offsets(self, group: str) -> dict[tuple[str, int], int]:
         out: dict[tuple[str, int], int] = {}
         prefix = f"{group}\x00".encode()
@@ -145,24 +156,30 @@ class LmdbSequenceStore(SequenceStore):
 
     # ---- the one write path ---------------------------------------------------------------------
     def commit(self, delta: StateDelta) -> None:
+        # One write transaction: an exception anywhere (a fenced commit included) aborts all of it.
         with self.env.begin(write=True) as txn:
+            if delta.expect_offsets:
+                stored = {}
+                for tp in delta.expect_offsets:
+                    v = txn.get(offset_key(delta.group, *tp), db=self._offsets)
+                    if v is not None:
+                        stored[tp] = struct.unpack(">Q", v)[0]
+                check_expected_offsets(delta, stored)
+            pos_db, seq_db = self._pos, self._seq
             for user, new in delta.appends.items():
                 if not len(new):
                     continue
                 uk = _user_key(user)
-                start, end = decode_pos(txn.get(uk, db=self._pos))
+                start, end = decode_pos(txn.get(uk, db=pos_db))
                 tci = tail_chunk_index(end)
-                tail = None
-                if tci is not None:
-                    buf = txn.get(_seq_key(user, tci), db=self._seq)
-                    if buf is not None:
-                        tail = decode_chunk(buf, tci * CHUNK_ROWS)
-                plan = plan_append(start, end, tail, new, self.cap)
-                for ci, chunk in plan.writes.items():
-                    txn.put(_seq_key(user, ci), encode_chunk(chunk), db=self._seq)
-                for ci in plan.deletes:
-                    txn.delete(_seq_key(user, ci), db=self._seq)
-                txn.put(uk, encode_pos(plan.start, plan.end), db=self._pos)
+                tail = None if tci is None else txn.get(_seq_key(user, tci), db=seq_db)
+                writes, deletes, new_start, new_end = append_chunks(start, end, tail, *column_bytes(new),
+                                                                    cap=self.cap)
+                for ci, chunk in writes.items():
+                    txn.put(_seq_key(user, ci), chunk, db=seq_db)
+                for ci in deletes:
+                    txn.delete(_seq_key(user, ci), db=seq_db)
+                txn.put(uk, encode_pos(new_start, new_end), db=pos_db)
             for k in delta.pending_del:
                 txn.delete(k, db=self._pending)
             for k, v in delta.pending_put.items():

@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from pipeline.state._chunks import clip, read_range
-from pipeline.state.base import DEFAULT_LIFELONG_CAP, Behaviors, SequenceStore, StateDelta, empty_behaviors
+from pipeline.state.base import (
+    DEFAULT_LIFELONG_CAP,
+    Behaviors,
+    SequenceStore,
+    StateDelta,
+    check_expected_offsets,
+    empty_behaviors,
+)
 
 __all__ = ["MemorySequenceStore"]
 
@@ -30,6 +37,7 @@ class MemorySequenceStore(SequenceStore):
         return 0 if b is None else b.end
 
     def commit(self, delta: StateDelta) -> None:
+        check_expected_offsets(delta, self._offsets.get(delta.group, {}))
         for user, new in delta.appends.items():
             if not len(new):
                 continue

@@ -3,26 +3,35 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import threading
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from pipeline.exceptions import OffsetRegressionError
 from pipeline.state import Behaviors, StateDelta, open_store
 from pipeline.state.serialization import CHUNK_ROWS
 from tests.fixtures import make_behaviors
 
-BACKENDS = ["memory", "lmdb"]
+BACKENDS = ["memory", "lmdb", pytest.param("redis", marks=pytest.mark.redis),
+            pytest.param("redis-single-slot", marks=pytest.mark.redis)]
 
 
 @pytest.fixture(params=BACKENDS)
 def store_factory(request, tmp_path):
     made = []
+    redis_server = request.getfixturevalue("redis_server") if request.param.startswith("redis") else None
 
     def make(cap: int = 100_000):
         if request.param == "memory":
             s = open_store("memory://", cap=cap)
-        else:
+        elif request.param == "lmdb":
             s = open_store(f"lmdb://{tmp_path}/s{len(made)}", cap=cap)
+        else:
+            opts = {"single_slot": 1} if request.param == "redis-single-slot" else {}
+            s = open_store(redis_server.store_uri(**opts), cap=cap)
         made.append(s)
         return s
 
@@ -83,15 +92,21 @@ def test_commit_is_atomic_unit_with_offsets_pending_meta(store_factory):
     assert s.get_meta(b"wm") == b"x" and s.groups() == ["g"]
 
 
-def test_digest_is_logical_and_equal_across_backends(tmp_path):
+@pytest.mark.redis
+def test_digest_is_logical_and_equal_across_backends(tmp_path, redis_server):
     a, b = open_store("memory://"), open_store(f"lmdb://{tmp_path}/d")
-    for s in (a, b):
+    c = open_store(redis_server.store_uri())
+    for s in (a, b, c):
         for u in (3, 1, 2):
             _append(s, u, make_behaviors(300 + u, seed=u), offsets={("events", u): u})
         s.commit(StateDelta("g", pending_put={b"k": b"v"}))
-    assert a.digest() == b.digest()
+    assert a.digest() == b.digest() == c.digest()
     _append(b, 1, make_behaviors(1, seed=9))
     assert a.digest() != b.digest()
+    _append(c, 1, make_behaviors(1, seed=9))
+    assert b.digest() == c.digest()
+    for s in (a, b, c):
+        s.close()
 
 
 def _reader(path: str, q) -> None:
@@ -122,3 +137,125 @@ def test_readonly_open_of_missing_store_is_a_clear_error(tmp_path):
         open_store(f"lmdb://{tmp_path}/nope", readonly=True)
     with pytest.raises(StoreConfigError, match="unsupported store URI"):
         open_store("mysql://x")
+
+
+def test_fenced_commit_applies_nothing(store_factory):
+    s = store_factory()
+    s.commit(StateDelta("g", appends={1: make_behaviors(3)}, offsets={("events", 0): 5}))
+    before = s.digest()
+    bad = StateDelta("g", appends={1: make_behaviors(300, seed=1), 2: make_behaviors(2)},
+                     pending_put={b"p": b"1"}, offsets={("events", 0): 9}, meta={b"wm": b"1"},
+                     expect_offsets={("events", 0): 4})
+    with pytest.raises(OffsetRegressionError, match="fenced"):
+        s.commit(bad)
+    with pytest.raises(OffsetRegressionError, match="fenced"):  # absent expected, but one is stored
+        s.commit(StateDelta("g", offsets={("events", 0): 9}, expect_offsets={("events", 0): None}))
+    assert s.digest() == before and s.length(1) == 3 and s.length(2) == 0 and s.get_meta(b"wm") is None
+    s.commit(StateDelta("g", appends={2: make_behaviors(2)}, offsets={("events", 0): 9, ("events", 1): 1},
+                        expect_offsets={("events", 0): 5, ("events", 1): None}))
+    assert s.offsets("g") == {("events", 0): 9, ("events", 1): 1} and s.length(2) == 2
+
+
+def test_pending_prefix_scan_order_and_delete_before_put(store_factory):
+    s = store_factory()
+    keys = [b"g\x00t\x00" + bytes([p]) + b"I" + str(i).encode() for p in (0, 1, 0xFF) for i in range(1200)]
+    s.commit(StateDelta("g", pending_put={k: k[::-1] for k in keys}))
+    got = list(s.pending_items(b"g\x00t\x00\x01"))
+    assert got == sorted((k, k[::-1]) for k in keys if k[4] == 1) and len(got) == 1200
+    assert len(list(s.pending_items(b"g\x00t\x00\xff"))) == 1200
+    assert len(list(s.pending_items())) == 3600
+    k0 = keys[0]
+    s.commit(StateDelta("g", pending_put={k0: b"new"}, pending_del={k0, keys[1]}))
+    d = dict(s.pending_items(b"g"))
+    assert d[k0] == b"new" and keys[1] not in d
+
+
+def test_read_many_and_lengths_match_single_reads(store_factory):
+    s = store_factory(cap=1000)
+    for u in range(1, 6):
+        _append(s, u, make_behaviors(u * 311, seed=u))
+    users = [1, 2, 3, 4, 5, 99]
+    ends = [None, 100, 5, None, 1550, None]
+    many = s.read_many(users, ends, 260)
+    for u, e, b in zip(users, ends, many, strict=True):
+        one = s.read(u, e, 260)
+        assert (b.start, b.end) == (one.start, one.end) and np.array_equal(b.item, one.item)
+    assert s.lengths(users) == [s.length(u) for u in users] == [311, 622, 933, 1244, 1555, 0]
+    assert list(s.users()) == [1, 2, 3, 4, 5]
+    st_ = s.stats()
+    assert st_["users"] == 5 and st_["longest_sequence"] == 1000 and st_["behaviors"] == 311 + 622 + 933 + 2000
+
+
+def test_one_commit_larger_than_the_cap(store_factory):
+    s = store_factory(cap=100)
+    big = make_behaviors(3 * CHUNK_ROWS + 7, seed=3)
+    _append(s, 1, big)
+    got = s.read(1)
+    assert (got.start, got.end) == (len(big) - 100, len(big)) and np.array_equal(got.ts, big.ts[-100:])
+    _append(s, 1, make_behaviors(1, seed=4))
+    assert s.read(1).start == len(big) + 1 - 100 and len(s.read(1)) == 100
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_commits_match_the_memory_reference(store_factory, data):
+    """Model-based: any sequence of appends, read back at any (end, max_len), equals the reference."""
+    cap = data.draw(st.sampled_from([1, 7, CHUNK_ROWS, CHUNK_ROWS + 3, 1000]))
+    s, ref = store_factory(cap=cap), open_store("memory://", cap=cap)
+    for step in range(data.draw(st.integers(1, 8))):
+        appends = {u: make_behaviors(data.draw(st.sampled_from([0, 1, 2, 255, 256, 257, 600])), seed=step * 10 + u)
+                   for u in data.draw(st.sets(st.integers(1, 4), min_size=1, max_size=3))}
+        for x in (s, ref):
+            x.commit(StateDelta("g", appends=appends, offsets={("events", 0): step + 1}))
+    for u in range(1, 5):
+        n = ref.length(u)
+        assert s.length(u) == n
+        for end, max_len in [(None, None), (n, 1), (max(0, n - 300), 260), (n // 2, None), (n + 5, 3)]:
+            a, b = s.read(u, end, max_len), ref.read(u, end, max_len)
+            assert (a.start, a.end) == (b.start, b.end)
+            for col in ("item", "category", "action", "ts"):
+                assert np.array_equal(getattr(a, col), getattr(b, col)), (u, end, max_len, col)
+    assert s.digest() == ref.digest()
+
+
+@pytest.mark.redis
+def test_redis_reader_reads_while_writer_appends(redis_server):
+    uri = redis_server.store_uri()
+    w, r = open_store(uri), open_store(uri, readonly=True)
+    _append(w, 7, make_behaviors(10))
+    seen: list[tuple[int, int, int]] = []
+    done = threading.Event()
+
+    def reader():
+        while not done.is_set():
+            b = r.read(7, max_len=1000)
+            seen.append((r.length(7), b.end, len(b)))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    for i in range(100):
+        _append(w, 7, make_behaviors(20, seed=i))
+    done.set()
+    t.join(30)
+    ends = [e for _, e, _ in seen]
+    assert seen and ends == sorted(ends) and all(n == min(e, 1000) for _, e, n in seen)  # never torn
+    with pytest.raises(Exception, match="read-only"):
+        _append(r, 7, make_behaviors(1))
+    assert r.length(7) == 2010
+    w.close()
+    r.close()
+
+
+@pytest.mark.redis
+def test_redis_bad_uri_and_namespaces(redis_server):
+    from pipeline.exceptions import StoreConfigError
+
+    with pytest.raises(StoreConfigError, match="unknown redis store option"):
+        open_store(redis_server.url + "?nope=1")
+    with pytest.raises(StoreConfigError, match="namespace"):
+        open_store(redis_server.url + "?namespace=a:b")
+    with pytest.raises(StoreConfigError, match="cannot reach Redis"):
+        open_store("redis://127.0.0.1:1/0")
+    a, b = open_store(redis_server.store_uri()), open_store(redis_server.store_uri())
+    _append(a, 1, make_behaviors(5))
+    assert a.length(1) == 5 and b.length(1) == 0 and list(b.users()) == []
