@@ -7,25 +7,51 @@ Per poll batch:
    impressions become *pending* with ``seq_pos`` = the user's sequence length at impression time
    (point-in-time: the sample may only see behaviors before it); clicks mark their pending
    impression clicked (a click that arrives before its impression waits as an *orphan click*);
-3. the per-partition event-time watermark (max event time seen − allowed lateness) labels every
+3. the per-partition event-time watermark (max event time seen - allowed lateness) labels every
    pending impression whose attribution window has closed: label 1 if clicked, else 0;
 4. samples and dead letters are produced and flushed, THEN the store commits appends, pending
    edits, offsets and watermarks in one atomic unit.
 
-Crash anywhere: on restart the worker seeks to the offsets stored with the state, so the state is
-exactly as if it never crashed. Samples flushed before a crash are re-emitted with the same
-deterministic ``sample_id`` (request id + item), which the trainer recognises and skips.
+Crash anywhere: on restart (and on every partition assignment) the worker seeks to the offsets
+stored with the state, not the broker's, so the state is exactly as if it never crashed. Samples
+flushed before a crash are re-emitted with the same deterministic ``sample_id`` (request id +
+item), which the trainer recognises and skips.
 
-Policies (tested): events are applied in arrival order per partition; a behavior older than the
-watermark is still appended (a sequence is arrival-ordered); a duplicate impression (same request
-and item) while one is pending is ignored; a click that matches no pending impression (it came
-after its impression was labeled, or its impression never came) waits one attribution window, then
-is counted in ``unmatched_clicks`` and dropped; a click outside the attribution window does not label the impression (it is
-still a behavior).
+Policies (tested in ``tests/pipeline/test_worker.py``):
+
+* **Arrival order.** Events are applied in arrival order per partition (a user's events share a
+  partition); a sequence is arrival-ordered, so a behavior older than the watermark is still
+  appended, at the end.
+* **Batch boundaries do not matter.** The watermark advances event by event: before an impression
+  or click is applied, every pending impression whose window closed under the events before it is
+  labeled. So the state, the samples and their order depend on the stream only, never on how it
+  was cut into poll batches (which differ after a restart); this is what makes a crash-and-replay
+  end in exactly the state of an uninterrupted run.
+* **Out-of-order clicks.** A click within the attribution window (``0 <= click.ts - imp.ts <=
+  window``) labels its impression even when it arrives first: it waits as an orphan click. An orphan
+  that no impression claims within one window after its own time (by the watermark) is counted in
+  ``unmatched_clicks`` and dropped. A click that arrives after its impression was labeled (the
+  watermark passed the window) cannot change that label; it becomes such an orphan. A click outside
+  the window never labels (it is still a behavior).
+* **Duplicates.** A duplicate impression (same request id and item) while the first is pending is
+  ignored and counted in ``duplicate_impressions``; one that arrives after the first was labeled
+  starts a new pending impression, whose sample has the same ``sample_id`` (downstream dedupes).
+  A duplicate click is a second behavior (the sequence keeps what the user did) and labels nothing
+  new. Exact re-deliveries of the same record (same partition and offset) never happen: offsets are
+  stored with the state, and a record below the stored offset raises ``OffsetRegressionError``.
+* **Fencing.** Every commit carries the offsets this worker believes are stored. If another worker
+  committed the partition in between (a rebalance this worker has not seen yet), the commit is
+  refused whole; the worker reloads the partition's state and seeks to the stored offset.
+* **Broker outage.** The clients reconnect on their own; the group rejoin re-assigns partitions
+  and the worker seeks to its stored offsets, whatever the broker remembers. If the broker comes
+  back with a log that restarted below the stored offsets (it lost data), the worker stops with
+  ``OffsetRegressionError`` instead of guessing.
+* **SIGTERM/SIGINT** finish the current batch, commit it, and exit 0.
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import json
 import logging
@@ -39,7 +65,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.config import WorkerSettings
-from pipeline.events import BEHAVIOR, CLICK, IMPRESSION, ACTIONS, DeadLetter, decode_batch, RawRecord
+from pipeline.events import ACTIONS, BEHAVIOR, CLICK, IMPRESSION, DeadLetter, RawRecord, decode_batch
 from pipeline.exceptions import OffsetRegressionError
 from pipeline.kafka import ConsumerAdapter, ProducerAdapter, TopicPartitionT, make_consumer, make_producer
 from pipeline.state import Behaviors, SequenceStore, StateDelta, open_store
@@ -51,6 +77,11 @@ _CLICK_ACTION = ACTIONS["click"]
 #: With --exit-when-idle, how long to wait for a first partition assignment before giving up. A group
 #: join takes up to max_poll_interval_ms on the embedded broker; a minute covers every sane setting.
 NO_ASSIGNMENT_GIVE_UP_S = 60.0
+#: Users whose sequence length the worker keeps in memory between batches (saves a store read per
+#: user per batch). One entry is ~100 bytes, so 2^20 users is ~100 MB; past that the cache is
+#: cleared and refilled from the store (one batched read per batch), which costs little.
+LENGTH_CACHE_MAX = 1 << 20
+_WM = struct.Struct(">q")
 
 
 def sample_id(request_id: str, item_hash: int) -> str:
@@ -92,6 +123,7 @@ class WorkerStats:
     duplicate_impressions: int = 0
     unmatched_clicks: int = 0
     batches: int = 0
+    fenced_commits: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -102,7 +134,8 @@ class _PartitionState:
     watermark: int = 0  # max event time seen (ms)
     pending: dict[tuple[str, int], _Pending] = field(default_factory=dict)
     orphans: dict[tuple[str, int], int] = field(default_factory=dict)  # click ts
-    heap: list[tuple[int, str, int]] = field(default_factory=list)  # (ts, request_id, item)
+    heap: list[tuple[int, str, int]] = field(default_factory=list)  # (ts, request_id, item) of pending
+    orphan_heap: list[tuple[int, str, int]] = field(default_factory=list)  # (click ts, ...) lazy
 
 
 class StreamWorker:
@@ -117,16 +150,27 @@ class StreamWorker:
         self._lengths: dict[int, int] = {}
         self._group = settings.group_id
         self._stored_offsets: dict[TopicPartitionT, int] = {}
+        self._prefixes: dict[TopicPartitionT, bytes] = {}
+        #: set when a commit was fenced: the caller must re-assign (reload state, seek)
+        self.fenced = False
 
     # ---- keys -------------------------------------------------------------------------------------
     def _prefix(self, tp: TopicPartitionT) -> bytes:
-        return f"{self._group}\x00{tp[0]}\x00".encode() + struct.pack(">I", tp[1])
+        p = self._prefixes.get(tp)
+        if p is None:
+            p = self._prefixes[tp] = f"{self._group}\x00{tp[0]}\x00".encode() + struct.pack(">I", tp[1])
+        return p
 
     def _pkey(self, tp: TopicPartitionT, kind: bytes, rid: str, item: int) -> bytes:
         return self._prefix(tp) + kind + rid.encode() + b"\x00" + struct.pack(">Q", item)
 
     def _wm_key(self, tp: TopicPartitionT) -> bytes:
         return b"wm\x00" + self._prefix(tp)
+
+    @property
+    def stored_offsets(self) -> dict[TopicPartitionT, int]:
+        """Next offsets as stored by the last commit (what the broker is told, for lag)."""
+        return dict(self._stored_offsets)
 
     # ---- partition lifecycle ----------------------------------------------------------------------
     def assign(self, tps: list[TopicPartitionT]) -> dict[TopicPartitionT, int]:
@@ -137,7 +181,7 @@ class StreamWorker:
         for tp in tps:
             st = _PartitionState()
             wm = self.store.get_meta(self._wm_key(tp))
-            st.watermark = struct.unpack(">q", wm)[0] if wm else 0
+            st.watermark = _WM.unpack(wm)[0] if wm else 0
             plen = len(self._prefix(tp))
             for k, v in self.store.pending_items(self._prefix(tp)):
                 kind = k[plen:plen + 1]
@@ -148,8 +192,11 @@ class StreamWorker:
                     st.pending[key] = p
                     st.heap.append((p.ts, key[0], key[1]))
                 else:
-                    st.orphans[key] = struct.unpack(">q", v)[0]
+                    cts = _WM.unpack(v)[0]
+                    st.orphans[key] = cts
+                    st.orphan_heap.append((cts, key[0], key[1]))
             heapq.heapify(st.heap)
+            heapq.heapify(st.orphan_heap)
             self._parts[tp] = st
             seeks[tp] = self._stored_offsets.get(tp, 0)
         log.info("assigned %s (seek %s)", tps, seeks)
@@ -162,119 +209,210 @@ class StreamWorker:
         self._lengths.clear()
         log.info("revoked %s", tps)
 
-    def _length(self, user: int) -> int:
-        n = self._lengths.get(user)
-        if n is None:
-            n = self.store.length(user)
-            self._lengths[user] = n
-        return n
+    def _prefetch_lengths(self, users: np.ndarray) -> None:
+        if len(self._lengths) > LENGTH_CACHE_MAX:
+            self._lengths.clear()
+        known = self._lengths
+        missing = [u for u in np.unique(users).tolist() if u not in known]
+        if missing:
+            known.update(zip(missing, self.store.lengths(missing), strict=True))
 
     # ---- the batch ----------------------------------------------------------------------------------
     def process(self, records: list[RawRecord]) -> int:
         """Apply one poll batch; returns the number of samples emitted."""
         if not records:
             return 0
-        batch, dead = decode_batch(records)
-        delta = StateDelta(self._group)
-        appends: dict[int, list[int]] = {}  # user -> row indices into the batch (behaviors)
-        click_rows: list[int] = []
         s = self.stats
         s.batches += 1
         s.events += len(records)
-        s.dead_letters += len(dead)
-        for i in range(len(batch)):
-            tp = (records[0].topic, int(batch.partition[i]))
-            st = self._parts.get(tp)
-            if st is None:  # not ours (stale record after a revoke): skip, it is not committed either
-                continue
-            kind = int(batch.kind[i])
-            user = int(batch.user[i])
-            ts = int(batch.ts[i])
-            if ts > st.watermark:
-                st.watermark = ts
-            if kind == BEHAVIOR or kind == CLICK:
-                appends.setdefault(user, []).append(i)
-                self._lengths[user] = self._length(user) + 1
-                if kind == BEHAVIOR:
-                    s.behaviors += 1
-                    continue
-                s.clicks += 1
-                click_rows.append(i)
-                rid = batch.request_id[i]
-                assert rid is not None
-                key = (rid, int(batch.item[i]))
-                p = st.pending.get(key)
-                if p is not None:
-                    if 0 <= ts - p.ts <= self.s.attribution_window_ms and not p.clicked:
-                        p.clicked = True
-                        delta.pending_put[self._pkey(tp, b"I", *key)] = p.encode()
-                else:
-                    # impression not seen yet (out of order), or already labeled (late click)
-                    st.orphans[key] = ts
-                    delta.pending_put[self._pkey(tp, b"C", *key)] = struct.pack(">q", ts)
-            elif kind == IMPRESSION:
-                s.impressions += 1
-                rid = batch.request_id[i]
-                assert rid is not None
-                key = (rid, int(batch.item[i]))
-                if key in st.pending:
-                    s.duplicate_impressions += 1
-                    continue
-                p = _Pending(user, batch.user_raw[i], key[1], batch.item_raw[i], int(batch.category[i]),
-                             batch.cat_raw[i], ts, self._length(user), rid)
-                cts = st.orphans.pop(key, None)
-                if cts is not None:
-                    delta.pending_del.add(self._pkey(tp, b"C", *key))
-                    if 0 <= cts - ts <= self.s.attribution_window_ms:
-                        p.clicked = True
-                st.pending[key] = p
-                heapq.heappush(st.heap, (ts, key[0], key[1]))
-                delta.pending_put[self._pkey(tp, b"I", *key)] = p.encode()
-        # behaviors (and clicks, as action "click") to the sequences, in arrival order
-        for user, rows in appends.items():
-            idx = np.asarray(rows, dtype=np.int64)
-            act = batch.action[idx].copy()
-            act[batch.kind[idx] == CLICK] = _CLICK_ACTION
-            delta.appends[user] = Behaviors(batch.item[idx], batch.category[idx], act, batch.ts[idx])
-        emitted = self._emit_ready(delta)
-        # offsets: next offset per partition, over every record of the batch (dead ones included)
+        # next offset per owned partition, over every record of the batch (dead ones included);
+        # a record below the stored offset means the log went backwards: never apply it twice
+        last: dict[TopicPartitionT, int] = {}
+        first: dict[TopicPartitionT, int] = {}
         for r in records:
             tp = (r.topic, r.partition)
-            if tp in self._parts and r.offset + 1 > delta.offsets.get(tp, -1):
-                delta.offsets[tp] = r.offset + 1
-        for tp, off in delta.offsets.items():
+            if tp not in last:
+                first[tp] = r.offset
+            last[tp] = r.offset
+        for tp, off in first.items():
             prev = self._stored_offsets.get(tp)
-            if prev is not None and off < prev:
-                raise OffsetRegressionError(f"{tp}: offset would move back from {prev} to {off}")
-            delta.meta[self._wm_key(tp)] = struct.pack(">q", self._parts[tp].watermark)
+            if tp in self._parts and prev is not None and off < prev:
+                raise OffsetRegressionError(
+                    f"{tp}: record at offset {off} is below the stored offset {prev}: the log restarted or "
+                    "lost data (a broker with memory storage was restarted?). Restore the log, or start "
+                    "this group over with a new store / group id")
+        if len({tp[0] for tp in last}) > 1:
+            raise ValueError("a worker batch must come from one topic")
+        owned = [tp for tp in last if tp in self._parts]
+        if len(owned) < len(last):
+            log.debug("skipping records of partitions not owned: %s", [tp for tp in last if tp not in self._parts])
+        batch, dead = decode_batch(records)
+        s.dead_letters += len(dead)
+        delta = StateDelta(self._group)
+        emitted = self._apply(batch, records[0].topic, {tp[1] for tp in owned if tp[0] == records[0].topic}, delta)
+        for tp in owned:
+            st = self._parts[tp]
+            off = last[tp] + 1
+            delta.offsets[tp] = off
+            delta.expect_offsets[tp] = self._stored_offsets.get(tp)
+            delta.meta[self._wm_key(tp)] = _WM.pack(st.watermark)
         self._publish(dead)
-        self.store.commit(delta)
+        try:
+            self.store.commit(delta)
+        except OffsetRegressionError as e:
+            log.warning("%s", e)
+            s.fenced_commits += 1
+            self.fenced = True
+            for tp in owned:  # in-memory state of these partitions is stale now
+                self._parts.pop(tp, None)
+            self._lengths.clear()
+            return emitted
         self._stored_offsets.update(delta.offsets)
+        for u, b in delta.appends.items():
+            self._lengths[u] = self._lengths[u] + len(b)
         return emitted
 
-    def _emit_ready(self, delta: StateDelta, drain: bool = False) -> int:
+    def _apply(self, batch, topic: str, owned_parts: set[int], delta: StateDelta) -> int:  # type: ignore[no-untyped-def]
+        n = len(batch)
+        if n == 0 or not owned_parts:
+            return self._advance_all(delta, {}, topic)
+        kind, user, ts, part = batch.kind, batch.user, batch.ts, batch.partition
+        if len(owned_parts) == 1:
+            (p0,) = owned_parts
+            idx = np.flatnonzero(part == p0) if (part != p0).any() else np.arange(n)
+        else:
+            idx = np.flatnonzero(np.isin(part, list(owned_parts)))
+        if len(idx) == 0:
+            return self._advance_all(delta, {}, topic)
+        k = kind[idx]
+        s = self.stats
+        n_beh = int(np.count_nonzero(k == BEHAVIOR))
+        n_imp = int(np.count_nonzero(k == IMPRESSION))
+        s.behaviors += n_beh
+        s.impressions += n_imp
+        s.clicks += len(idx) - n_beh - n_imp
+        self._prefetch_lengths(user[idx])
+        # -- sequence appends (behaviors and clicks), grouped by user, arrival order kept ---------
+        app = idx[k != IMPRESSION]
+        groups: dict[int, tuple[int, int]] = {}
+        rows_l: list[int] = []
+        if len(app):
+            order = np.argsort(user[app], kind="stable")
+            rows = app[order]
+            us = user[rows]
+            cut = np.flatnonzero(us[1:] != us[:-1]) + 1
+            starts = np.concatenate(([0], cut))
+            ends = np.concatenate((cut, [len(us)]))
+            items, cats, tss = batch.item[rows], batch.category[rows], ts[rows]
+            acts = batch.action[rows]
+            acts[kind[rows] == CLICK] = _CLICK_ACTION
+            for u, a, z in zip(us[starts].tolist(), starts.tolist(), ends.tolist(), strict=True):
+                delta.appends[u] = Behaviors(items[a:z], cats[a:z], acts[a:z], tss[a:z])
+                groups[u] = (a, z)
+            rows_l = rows.tolist()
+        # -- per-partition watermark before each impression/click, and at the end ----------------
+        ic = idx[k != BEHAVIOR]
+        final_wm: dict[int, int] = {}
+        wm_before = np.empty(len(ic), dtype=np.int64)
+        for p in np.unique(part[idx]).tolist():
+            st = self._parts[(topic, p)]
+            rows_p = idx[part[idx] == p]
+            run = np.maximum.accumulate(np.maximum(ts[rows_p], st.watermark))
+            final_wm[p] = int(run[-1])
+            if len(ic):
+                # watermark over the rows strictly before each impression/click of this partition
+                sel = part[ic] == p
+                pos = np.searchsorted(rows_p, ic[sel])
+                wm_before[sel] = np.where(pos > 0, run[np.maximum(pos - 1, 0)], st.watermark)
+        emitted = 0
+        if len(ic):
+            emitted += self._joins(batch, topic, ic, wm_before, groups, rows_l, delta)
+        return emitted + self._advance_all(delta, final_wm, topic)
+
+    def _joins(self, batch, topic: str, ic: np.ndarray, wm_before: np.ndarray,  # type: ignore[no-untyped-def]
+               groups: dict[int, tuple[int, int]], rows_l: list[int], delta: StateDelta) -> int:
+        """Impressions and clicks, one by one in arrival order (the joins need it)."""
+        s = self.stats
+        w = self.s.attribution_window_ms
+        emitted = 0
+        put, dele = delta.pending_put, delta.pending_del
+        lengths = self._lengths
+        rid_l, uraw_l, iraw_l, craw_l = batch.request_id, batch.user_raw, batch.item_raw, batch.cat_raw
+        for r, kd, u, it, ct, t, p, wm in zip(
+                ic.tolist(), batch.kind[ic].tolist(), batch.user[ic].tolist(), batch.item[ic].tolist(),
+                batch.category[ic].tolist(), batch.ts[ic].tolist(), batch.partition[ic].tolist(),
+                wm_before.tolist(), strict=True):
+            tp = (topic, p)
+            st = self._parts[tp]
+            if wm > st.watermark:
+                st.watermark = wm
+                emitted += self._emit_ready(delta, tp, st)
+            rid = rid_l[r]
+            key = (rid, it)
+            if kd == CLICK:
+                s_ = st.pending.get(key)
+                if s_ is not None:
+                    if 0 <= t - s_.ts <= w and not s_.clicked:
+                        s_.clicked = True
+                        put[self._pkey(tp, b"I", rid, it)] = s_.encode()
+                else:
+                    # impression not seen yet (out of order), or already labeled (late click)
+                    st.orphans[key] = t
+                    heapq.heappush(st.orphan_heap, (t, rid, it))
+                    put[self._pkey(tp, b"C", rid, it)] = _WM.pack(t)
+                continue
+            if key in st.pending:
+                s.duplicate_impressions += 1
+                continue
+            g = groups.get(u)
+            before = 0 if g is None else bisect.bisect_left(rows_l, r, g[0], g[1]) - g[0]
+            pend = _Pending(u, uraw_l[r], it, iraw_l[r], ct, craw_l[r], t, lengths[u] + before, rid)
+            cts = st.orphans.pop(key, None)
+            if cts is not None:
+                ck = self._pkey(tp, b"C", rid, it)
+                put.pop(ck, None)
+                dele.add(ck)
+                if 0 <= cts - t <= w:
+                    pend.clicked = True
+            st.pending[key] = pend
+            heapq.heappush(st.heap, (t, rid, it))
+            put[self._pkey(tp, b"I", rid, it)] = pend.encode()
+        return emitted
+
+    def _advance_all(self, delta: StateDelta, final_wm: dict[int, int], topic: str) -> int:
+        n = 0
+        for tp, st in self._parts.items():
+            wm = final_wm.get(tp[1]) if tp[0] == topic else None
+            if wm is not None and wm > st.watermark:
+                st.watermark = wm
+            n += self._emit_ready(delta, tp, st)
+        return n
+
+    def _emit_ready(self, delta: StateDelta, tp: TopicPartitionT, st: _PartitionState, drain: bool = False) -> int:
+        """Label pending impressions whose window closed under the partition's watermark."""
         n = 0
         w = self.s.attribution_window_ms
-        for tp, st in self._parts.items():
-            limit = st.watermark - self.s.allowed_lateness_ms
-            while st.heap and (drain or st.heap[0][0] + w < limit):
-                ts, rid, item = heapq.heappop(st.heap)
-                p = st.pending.pop((rid, item), None)
-                if p is None:
-                    continue
-                self._send_sample(p)
-                n += 1
-                k = self._pkey(tp, b"I", rid, item)
-                delta.pending_put.pop(k, None)
-                delta.pending_del.add(k)
-            # orphan clicks whose window closed can no longer label anything
-            for key, cts in list(st.orphans.items()):
-                if drain or cts + w < limit:
-                    del st.orphans[key]
-                    self.stats.unmatched_clicks += 1
-                    k = self._pkey(tp, b"C", *key)
-                    delta.pending_put.pop(k, None)
-                    delta.pending_del.add(k)
+        limit = st.watermark - self.s.allowed_lateness_ms
+        while st.heap and (drain or st.heap[0][0] + w < limit):
+            _, rid, item = heapq.heappop(st.heap)
+            p = st.pending.pop((rid, item), None)
+            if p is None:
+                continue
+            self._send_sample(p)
+            n += 1
+            k = self._pkey(tp, b"I", rid, item)
+            delta.pending_put.pop(k, None)
+            delta.pending_del.add(k)
+        # orphan clicks whose window closed can no longer label anything
+        while st.orphan_heap and (drain or st.orphan_heap[0][0] + w < limit):
+            cts, rid, item = heapq.heappop(st.orphan_heap)
+            if st.orphans.get((rid, item)) != cts:
+                continue  # claimed by an impression, or superseded by a later click
+            del st.orphans[(rid, item)]
+            self.stats.unmatched_clicks += 1
+            k = self._pkey(tp, b"C", rid, item)
+            delta.pending_put.pop(k, None)
+            delta.pending_del.add(k)
         return n
 
     def _send_sample(self, p: _Pending) -> None:
@@ -296,7 +434,7 @@ class StreamWorker:
     def drain(self) -> int:
         """Label every pending impression now (end of a bounded replay) and commit."""
         delta = StateDelta(self._group)
-        n = self._emit_ready(delta, drain=True)
+        n = sum(self._emit_ready(delta, tp, st, drain=True) for tp, st in self._parts.items())
         self.producer.flush()
         self.store.commit(delta)
         return n
@@ -340,15 +478,18 @@ def run_worker(settings: WorkerSettings, *, stop: threading.Event | None = None,
             records = consumer.poll_batch(settings.max_poll_records, settings.poll_timeout_ms)
             if not last_data and assigned_at:
                 last_data = assigned_at[0]  # idleness counts from the first partition assignment
-            if last_data and not records and not consumer.assignment():
-                last_data = time.monotonic()  # a rebalance in progress is not idleness
             if pending_seeks:
                 for tp, off in pending_seeks.items():
                     consumer.seek(tp, off)
                 pending_seeks.clear()
             if records:
                 worker.process(records)
-                consumer.commit(dict(worker._stored_offsets))  # noqa: SLF001 - informational lag only
+                if worker.fenced:  # another worker committed our partitions: reload and seek
+                    worker.fenced = False
+                    for tp, off in worker.assign(consumer.assignment()).items():
+                        consumer.seek(tp, off)
+                else:
+                    consumer.commit(worker.stored_offsets)
                 last_data = time.monotonic()
                 if on_batch:
                     on_batch(worker.stats)
@@ -368,3 +509,34 @@ def run_worker(settings: WorkerSettings, *, stop: threading.Event | None = None,
         producer.close()
         store.close()
     return worker.stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.worker``: the same flags and settings as ``ctrstream worker``, without
+    loading the other commands (the full CLI imports the trainer, i.e. torch: seconds per start)."""
+    import argparse
+    import sys
+
+    from pipeline.cli import add_settings_arguments
+    from pipeline.config import load_settings
+    from pipeline.exceptions import ConfigError, PipelineError
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.worker", description="The stream worker.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_settings_arguments(parser, WorkerSettings)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    try:
+        settings = load_settings(WorkerSettings, vars(args), args.config, "worker")
+        stats = run_worker(settings)
+    except (ConfigError, PipelineError) as e:
+        print(f"worker: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+    print(json.dumps({"worker": stats.as_dict()}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,6 +1,8 @@
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.events import ACTIONS, MAX_EVENT_BYTES, RawRecord, decode_batch, hash_id
 from tests.fixtures import event
@@ -65,3 +67,87 @@ def test_bad_records_become_dead_letters_with_reason(value, reason):
     assert dl["offset"] == 7 and dl["partition"] == 0 and dl["reason"] == dead[0].reason
     if value is not None:
         assert bytes.fromhex(dl["value_hex"]) == value  # original bytes kept
+
+
+# ---- the batch decoder agrees with the one-record-at-a-time reference ----------------------------
+
+def reference_decode(records):
+    """The contract, record by record: parse alone, validate alone (no batch path, no fast path)."""
+    from pipeline import events as ev
+
+    good, dead = [], []
+    for r in records:
+        obj = ev._parse_one(r.value)
+        if isinstance(obj, ev._Bad):
+            dead.append((r.offset, obj.reason))
+            continue
+        try:
+            kind, user, item, cat, action, ts, rid, ctx = ev._validate(obj)
+        except ev._Invalid as e:
+            dead.append((r.offset, str(e)))
+            continue
+        good.append((r.offset, kind, user[:2], item[:2], cat[:2] if cat else ("", 0), action, ts, rid, ctx))
+    return good, dead
+
+
+def batch_decode(records):
+    b, dead = decode_batch(records)
+    good = [(o, k, (ur, u), (ir, i), (cr, c), a, t, rid, ctx) for o, k, ur, u, ir, i, cr, c, a, t, rid, ctx in zip(
+        b.offset.tolist(), b.kind.tolist(), b.user_raw, b.user.tolist(), b.item_raw, b.item.tolist(), b.cat_raw,
+        b.category.tolist(), b.action.tolist(), b.ts.tolist(), b.request_id, b.context, strict=True)]
+    return good, [(d.record.offset, d.reason) for d in dead]
+
+
+@pytest.mark.parametrize("value,reason", [
+    (b'{"type":"behavior","user_id":"\\ud800","item_id":1,"ts":1767225600000}', "lone surrogate"),
+    (b'{"type":"click","user_id":1,"item_id":1,"ts":1767225600000,"request_id":"\\udfff"}', "lone surrogate"),
+    (b'{"type":"behavior","user_id":1,"item_id":1,"ts":1' + b"0" * 5000 + b"}", "not valid UTF-8 JSON"),
+    (b'{"x":' + b"[" * 5000 + b"]" * 5000 + b"}", "not valid UTF-8 JSON"),
+    (enc(event()).decode().encode("utf-16"), "not valid UTF-8 JSON"),
+    (b'{"a":[{}', "not valid UTF-8 JSON"),
+    (enc(event()) + b"," + enc(event()), "not valid UTF-8 JSON"),
+    (enc(event()) + b"\n" + enc(event()), "not valid UTF-8 JSON"),
+    (enc(event(action=None)), "field 'action' must be a short string"),
+    (enc(event(user=1.0)), "must be a string or integer"),
+    (enc(event(item=False)), "must be a string or integer"),
+])
+def test_hostile_records_are_dead_letters(value, reason):
+    hash_id(1)  # 1 is in the id cache: 1.0 and False must not hit its entry
+    b, dead = decode_batch([rec(enc(event()), 6), rec(value, 7), rec(enc(event()), 8)])
+    assert b.offset.tolist() == [6, 8] and len(dead) == 1 and reason in dead[0].reason, dead[0].reason
+
+
+def test_structure_cannot_leak_between_records_of_a_batch():
+    """Records that are only valid JSON when joined with their neighbours stay dead letters, and the
+    neighbours keep their own content (the one-parse fast path must not regroup records)."""
+    split = b'{"type":"behavior","user_id":7,"item_id":1,"ts":1767225600000},{"type":"behavior","user_id":8,"item_id":1,"ts":1767225600000}'
+    vals = [b'{"a":[{}', b'{}]}', split, enc(event(user=9)), b'{"s":"', b'"}', enc(event(user=10))]
+    recs = [rec(v, i) for i, v in enumerate(vals)]
+    assert batch_decode(recs) == reference_decode(recs)
+    b, dead = decode_batch(recs)
+    assert b.user_raw == ["9", "10"] and [d.record.offset for d in dead] == [0, 1, 2, 4, 5]
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10**6), n_good=st.integers(0, 300), n_bad=st.integers(0, 40))
+def test_batch_decode_equals_per_record_reference(seed, n_good, n_bad):
+    from tests.pipeline.hostile import hostile_records
+
+    recs = [rec(v, i) for i, (_, v, _) in enumerate(hostile_records(seed, n_good, n_bad))]
+    assert batch_decode(recs) == reference_decode(recs)
+
+
+@settings(max_examples=200, deadline=None)
+@given(obj=st.dictionaries(
+    st.sampled_from(["type", "user_id", "item_id", "category_id", "action", "ts", "request_id", "context", "x"]),
+    st.one_of(st.none(), st.booleans(), st.integers(-2, 2**64), st.floats(allow_nan=True),
+              st.text(max_size=5), st.sampled_from(["behavior", "impression", "click", "view", "buy", "1"]),
+              st.sampled_from([1_767_225_600_000, 1_767_225_600_000.0, 1]),
+              st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=2), st.integers(), max_size=2)),
+    max_size=9))
+def test_any_json_object_decodes_like_the_reference(obj):
+    for i in (0, 1, 2, 3):  # warm the id cache with small ints, then mixed types must not collide
+        hash_id(i)
+    v = json.dumps(obj).encode()
+    recs = [rec(v, 0), rec(enc(event()), 1), rec(json.dumps(obj, separators=(",", ":")).encode(), 2)]
+    assert batch_decode(recs) == reference_decode(recs)

@@ -127,14 +127,15 @@ def test_samples_flushed_before_state_commit():
 
 
 @pytest.mark.kafka
-def test_worker_against_real_broker(broker, tmp_path):
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_worker_against_real_broker(broker, tmp_path, client):
     from kafka import KafkaConsumer, TopicPartition
 
     from pipeline.produce import produce_events
 
     tag = uuid.uuid4().hex[:8]
     ps = ProduceSettings(bootstrap_servers=broker.bootstrap, events_topic=f"ev-{tag}", samples_topic=f"sa-{tag}",
-                         dlq_topic=f"dlq-{tag}", partitions=2)
+                         dlq_topic=f"dlq-{tag}", partitions=2, kafka_client=client)
     evs = []
     for u in range(4):
         for k in range(20):
@@ -146,13 +147,13 @@ def test_worker_against_real_broker(broker, tmp_path):
     produce_events(ps, evs)
     from pipeline.kafka import make_producer
 
-    p = make_producer("kafka-python", broker.bootstrap)
+    p = make_producer(client, broker.bootstrap)
     p.send(ps.events_topic, b"0", b"{not json")
     p.flush()
     ws = WorkerSettings(bootstrap_servers=broker.bootstrap, events_topic=ps.events_topic,
                         samples_topic=ps.samples_topic, dlq_topic=ps.dlq_topic, group_id=f"w-{tag}",
                         store=f"lmdb://{tmp_path}/st", exit_when_idle=2, drain_on_exit=True,
-                        max_poll_interval_ms=3000, session_timeout_ms=3000)
+                        max_poll_interval_ms=3000, session_timeout_ms=3000, kafka_client=client)
     stats = run_worker(ws, install_signals=False)
     assert stats.samples == 4 and stats.positives == 2 and stats.dead_letters == 1
 
@@ -177,3 +178,134 @@ def test_worker_against_real_broker(broker, tmp_path):
     assert len(dlq) == 1 and "JSON" in dlq[0]["reason"]
     st = open_store(f"lmdb://{tmp_path}/st", readonly=True)
     assert st.length(hash_id(0)) == 21 and st.length(hash_id(1)) == 20
+
+
+# ---- policies: out of order, duplicates, offsets, fencing ----------------------------------------
+
+def test_late_click_after_label_is_an_unmatched_orphan_and_still_a_behavior():
+    w = make_worker()
+    feed(w, [event("impression", item=5, request_id="r", ts=T0), event(ts=T0 + 40 * MIN),
+             event("click", item=5, request_id="r", ts=T0 + 10 * MIN),  # in window, but arrives after the label
+             event(ts=T0 + 90 * MIN)])
+    assert [s["label"] for s in w.producer.samples()] == [0]
+    assert w.stats.unmatched_clicks == 1 and w.store.length(hash_id(1)) == 3
+    assert list(w.store.pending_items()) == []
+
+
+def test_duplicate_impression_after_label_is_a_new_sample_with_the_same_id():
+    w = make_worker()
+    feed(w, [event("impression", item=5, request_id="r", ts=T0), event(ts=T0 + 40 * MIN),
+             event("impression", item=5, request_id="r", ts=T0 + 41 * MIN), event(ts=T0 + 90 * MIN)])
+    ids = [s["sample_id"] for s in w.producer.samples()]
+    assert len(ids) == 2 and ids[0] == ids[1] and w.stats.duplicate_impressions == 0
+
+
+def test_duplicate_click_labels_once_and_is_two_behaviors():
+    w = make_worker()
+    feed(w, [event("impression", item=5, request_id="r", ts=T0), event("click", item=5, request_id="r", ts=T0 + 1),
+             event("click", item=5, request_id="r", ts=T0 + 2), event(ts=T0 + 40 * MIN)])
+    assert [s["label"] for s in w.producer.samples()] == [1] and w.stats.positives == 1
+    assert w.store.length(hash_id(1)) == 3
+
+
+def test_behavior_older_than_the_watermark_is_appended_in_arrival_order():
+    w = make_worker()
+    feed(w, [event(item=1, ts=T0 + 60 * MIN), event(item=2, ts=T0)])
+    b = w.store.read(hash_id(1))
+    assert b.item.tolist() == [hash_id(1), hash_id(2)] and b.ts.tolist() == [T0 + 60 * MIN, T0]
+
+
+def test_impression_sees_only_behaviors_before_it_in_the_same_batch():
+    w = make_worker()
+    feed(w, [event(user=1), event(user=2), event("impression", user=1, item=5, request_id="a", ts=T0 + 1),
+             event(user=1), event("click", user=1, item=9, request_id="z", ts=T0 + 2),
+             event("impression", user=1, item=6, request_id="b", ts=T0 + 3), event(ts=T0 + 40 * MIN, user=3)])
+    got = {s["item_id"]: s["seq_pos"] for s in w.producer.samples()}
+    assert got == {"5": 1, "6": 3}
+
+
+def test_record_below_the_stored_offset_is_refused():
+    from pipeline.exceptions import OffsetRegressionError
+
+    w = make_worker()
+    feed(w, [event(ts=T0)] * 5)
+    with pytest.raises(OffsetRegressionError, match="below the stored offset"):
+        feed(w, [event(ts=T0)] * 10, start_offset=3)  # the log restarted: offsets 3.. again
+    assert w.store.length(hash_id(1)) == 5 and w.store.offsets("ctrstream-worker") == {("events", 0): 5}
+
+
+def test_records_of_partitions_not_owned_are_skipped():
+    w = make_worker()
+    recs = [RawRecord("events", 1, i, b"k", encode_event(event(ts=T0))) for i in range(3)]
+    recs += [RawRecord("events", 0, 0, b"k", encode_event(event(user=2, ts=T0)))]
+    w.process(recs)
+    assert w.store.length(hash_id(1)) == 0 and w.store.length(hash_id(2)) == 1
+    assert w.store.offsets("ctrstream-worker") == {("events", 0): 1}
+
+
+def test_zombie_commit_is_fenced_and_the_worker_reloads():
+    store = open_store("memory://")
+    a, b = make_worker(store), make_worker(store)  # both believe they own events/0
+    feed(a, [event(ts=T0), event("impression", item=5, request_id="r", ts=T0 + 1)])
+    feed(b, [event(ts=T0), event("impression", item=5, request_id="r", ts=T0 + 1)])  # stale: fenced
+    assert b.fenced and b.stats.fenced_commits == 1
+    assert store.length(hash_id(1)) == 1 and store.offsets("ctrstream-worker") == {("events", 0): 2}
+    b.fenced = False
+    assert b.assign([("events", 0)]) == {("events", 0): 2}  # reload: seek to what `a` committed
+    feed(b, [event(ts=T0 + 2)], start_offset=2)
+    assert store.length(hash_id(1)) == 2 and store.offsets("ctrstream-worker") == {("events", 0): 3}
+    assert len(list(store.pending_items())) == 1  # the pending impression committed by `a`, once
+
+
+def _stream(seed: int, n: int) -> list[tuple[int, bytes]]:
+    """Random events over 2 partitions with out-of-order times, duplicates, late and orphan clicks."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    t = {0: T0, 1: T0}
+    for _ in range(n):
+        p = rng.randrange(2)
+        t[p] += rng.choice([0, 1000, MIN, 7 * MIN, 20 * MIN])
+        ts = t[p] - rng.choice([0, 0, 0, 35 * MIN, 3 * MIN])  # some events arrive late
+        user = rng.randrange(3) * 2 + p  # a user lives on one partition
+        rid = f"q{rng.randrange(6)}"
+        kind = rng.choice(["behavior", "behavior", "impression", "click"])
+        e = event(kind, user=user, item=rng.randrange(3), ts=ts,
+                  **({"request_id": rid} if kind != "behavior" else {}))
+        out.append((p, encode_event(e) if rng.random() > 0.03 else b"{bad"))
+    return out
+
+
+def _run_stream(stream, cuts, lateness):
+    w = StreamWorker(WorkerSettings(store="memory://", allowed_lateness_ms=lateness), open_store("memory://"),
+                     ListProducer())
+    w.assign([("events", 0), ("events", 1)])
+    offs = {0: 0, 1: 0}
+    recs = []
+    for p, v in stream:
+        recs.append(RawRecord("events", p, offs[p], b"k", v))
+        offs[p] += 1
+    bounds = [0, *sorted(set(cuts)), len(recs)]
+    for a, z in zip(bounds, bounds[1:], strict=False):
+        w.process(recs[a:z])
+    per_part: dict[int, list[bytes]] = {}
+    for t, _, v in w.producer.sent:
+        if t == "samples":
+            per_part.setdefault(int(json.loads(v)["user_id"]) % 2, []).append(v)
+    stats = w.stats.as_dict()
+    stats.pop("batches")
+    return w.store.digest(), per_part, stats
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10**6), cuts=st.lists(st.integers(1, 199), max_size=12),
+       lateness=st.sampled_from([0, 5000, 10 * MIN]))
+def test_state_and_samples_do_not_depend_on_batch_boundaries(seed, cuts, lateness):
+    """What a crash-and-replay relies on: another cut of the same stream ends in the same state."""
+    stream = _stream(seed, 200)
+    assert _run_stream(stream, cuts, lateness) == _run_stream(stream, [], lateness)
