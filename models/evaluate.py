@@ -66,11 +66,11 @@ class EvalSettings:
 
     seq_len: int = 1000  # long-sequence window of every long preset (din always reads 50)
     train_frac: float = 0.8  # earliest share of samples (by impression time) used for training
-    epochs: int = 3  # passes over the training samples
+    epochs: int = 2  # passes over the training samples (more overfits the item ids on small data)
     batch_size: int = 256  # samples per training step
-    lr: float = 2e-3  # Adam learning rate
+    lr: float = 1e-3  # Adam learning rate
     embed_dim: int = 16  # item/category embedding width (a behavior is 2x this)
-    infer_seq_len: int = 1000  # history length for the inference-cost measurement
+    infer_seq_len: int = 10_000  # history length for the inference-cost measurement
     infer_candidates: int = 1000  # candidates per inference-cost measurement
     attribution_ms: int = 30 * 60 * 1000  # a click labels its impression within this window
     seed: int = 0  # model init and batch order
