@@ -284,6 +284,7 @@ class Scorer:
     def warm_up(self, model: LoadedModel, num_candidates: int = 16) -> None:
         """Run the request path on ``model`` (not yet current) with a full-length synthetic history
         and an empty one; raises if the model fails or returns non-finite scores."""
+        model.ranker.eval()  # inference statistics (Dice running stats), before the first request
         spec = model.spec
         rng = np.random.default_rng(0)
         n = spec.seq_len
