@@ -160,9 +160,13 @@ class _KafkaPythonProducer:
     def __init__(self, bootstrap: str) -> None:
         from kafka import KafkaProducer
 
+        # Not idempotent: kafka-python 3 turns idempotence on by default, and its producer id does not
+        # survive a broker that lost its state (the embedded broker after a restart): every send then
+        # fails for good. Duplicates from retries are harmless here: samples carry a deterministic
+        # sample_id that the trainer dedupes, dead letters carry their source offset.
         self._p = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, batch_size=1 << 20,
                                 max_request_size=16 << 20, acks="all", retries=10,
-                                reconnect_backoff_max_ms=2000)
+                                reconnect_backoff_max_ms=2000, enable_idempotence=False)
         self._failed: list[str] = []
 
     def send(self, topic: str, key: bytes | None, value: bytes) -> None:

@@ -37,15 +37,16 @@ Policies (tested in ``tests/pipeline/test_worker.py``):
   ignored and counted in ``duplicate_impressions``; one that arrives after the first was labeled
   starts a new pending impression, whose sample has the same ``sample_id`` (downstream dedupes).
   A duplicate click is a second behavior (the sequence keeps what the user did) and labels nothing
-  new. Exact re-deliveries of the same record (same partition and offset) never happen: offsets are
-  stored with the state, and a record below the stored offset raises ``OffsetRegressionError``.
+  new. A re-delivered record (its offset is below the stored offset of its partition) is never
+  applied again: it is dropped and counted in ``skipped_below_stored``.
 * **Fencing.** Every commit carries the offsets this worker believes are stored. If another worker
   committed the partition in between (a rebalance this worker has not seen yet), the commit is
   refused whole; the worker reloads the partition's state and seeks to the stored offset.
 * **Broker outage.** The clients reconnect on their own; the group rejoin re-assigns partitions
   and the worker seeks to its stored offsets, whatever the broker remembers. If the broker comes
-  back with a log that restarted below the stored offsets (it lost data), the worker stops with
-  ``OffsetRegressionError`` instead of guessing.
+  back with a log shorter than the stored offsets (it lost data, or is still being refilled), the
+  client resets to the earliest offset and the records below the stored offsets are dropped as
+  above (with a warning): the committed state is never rolled back or doubled.
 * **SIGTERM/SIGINT** finish the current batch, commit it, and exit 0.
 """
 
@@ -124,6 +125,7 @@ class WorkerStats:
     unmatched_clicks: int = 0
     batches: int = 0
     fenced_commits: int = 0
+    skipped_below_stored: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -225,8 +227,7 @@ class StreamWorker:
         s = self.stats
         s.batches += 1
         s.events += len(records)
-        # next offset per owned partition, over every record of the batch (dead ones included);
-        # a record below the stored offset means the log went backwards: never apply it twice
+        # next offset per owned partition, over every record of the batch (dead ones included)
         last: dict[TopicPartitionT, int] = {}
         first: dict[TopicPartitionT, int] = {}
         for r in records:
@@ -234,13 +235,12 @@ class StreamWorker:
             if tp not in last:
                 first[tp] = r.offset
             last[tp] = r.offset
-        for tp, off in first.items():
-            prev = self._stored_offsets.get(tp)
-            if tp in self._parts and prev is not None and off < prev:
-                raise OffsetRegressionError(
-                    f"{tp}: record at offset {off} is below the stored offset {prev}: the log restarted or "
-                    "lost data (a broker with memory storage was restarted?). Restore the log, or start "
-                    "this group over with a new store / group id")
+        low = {tp: self._stored_offsets[tp] for tp, off in first.items()
+               if tp in self._parts and tp in self._stored_offsets and off < self._stored_offsets[tp]}
+        if low:
+            records = self._below_stored(records, low, last)
+            if not records:
+                return 0
         if len({tp[0] for tp in last}) > 1:
             raise ValueError("a worker batch must come from one topic")
         owned = [tp for tp in last if tp in self._parts]
@@ -271,6 +271,20 @@ class StreamWorker:
         for u, b in delta.appends.items():
             self._lengths[u] = self._lengths[u] + len(b)
         return emitted
+
+    def _below_stored(self, records: list[RawRecord], low: dict[TopicPartitionT, int],
+                      last: dict[TopicPartitionT, int]) -> list[RawRecord]:
+        """Drop records below the stored offset: they were applied already (or belong to a log that
+        restarted, which cannot be applied meaningfully either). Never applied twice."""
+        keep = [r for r in records if not ((r.topic, r.partition) in low and r.offset < low[(r.topic, r.partition)])]
+        n = len(records) - len(keep)
+        self.stats.skipped_below_stored += n
+        log.warning("skipped %d record(s) below the stored offsets %s: the consumer was reset below them (the "
+                    "log restarted or lost data?); they are not applied again", n, low)
+        for tp, stored in low.items():
+            if last[tp] < stored:
+                del last[tp]
+        return keep
 
     def _apply(self, batch, topic: str, owned_parts: set[int], delta: StateDelta) -> int:  # type: ignore[no-untyped-def]
         n = len(batch)

@@ -224,14 +224,14 @@ def test_impression_sees_only_behaviors_before_it_in_the_same_batch():
     assert got == {"5": 1, "6": 3}
 
 
-def test_record_below_the_stored_offset_is_refused():
-    from pipeline.exceptions import OffsetRegressionError
-
+def test_records_below_the_stored_offset_are_never_applied_twice():
     w = make_worker()
     feed(w, [event(ts=T0)] * 5)
-    with pytest.raises(OffsetRegressionError, match="below the stored offset"):
-        feed(w, [event(ts=T0)] * 10, start_offset=3)  # the log restarted: offsets 3.. again
-    assert w.store.length(hash_id(1)) == 5 and w.store.offsets("ctrstream-worker") == {("events", 0): 5}
+    feed(w, [event(ts=T0)] * 2, start_offset=1)  # a re-delivery of offsets 1, 2: nothing to do
+    assert w.store.length(hash_id(1)) == 5 and w.stats.skipped_below_stored == 2
+    feed(w, [event(ts=T0)] * 10, start_offset=3)  # 3, 4 again, then 5.. new
+    assert w.store.length(hash_id(1)) == 13 and w.store.offsets("ctrstream-worker") == {("events", 0): 13}
+    assert w.stats.skipped_below_stored == 4
 
 
 def test_records_of_partitions_not_owned_are_skipped():
