@@ -11,8 +11,10 @@ fold it into sized embedding tables (``models.features``).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -363,15 +365,112 @@ def _fast(obj: Any) -> tuple[Any, ...]:
     return kind, u, it, c, action, ts, rid, None
 
 
+_REQUIRED = tuple(map(operator.itemgetter, ("type", "user_id", "item_id", "ts")))
+_GET_CAT = operator.methodcaller("get", "category_id")
+_GET_ACTION = operator.methodcaller("get", "action")
+_GET_RID = operator.methodcaller("get", "request_id")
+_RAW, _HASH = operator.itemgetter(0), operator.itemgetter(1)
+_PARTITION, _OFFSET = operator.itemgetter(1), operator.itemgetter(2)  # RawRecord fields
+_ACTION_OR_NONE: dict[Any, int] = {**ACTIONS, None: 0}
+_DICT = {dict}
+_ID_TYPES = frozenset({int, str})
+_OPT_ID_TYPES = frozenset({int, str, type(None)})
+_OPT_STR = frozenset({str, type(None)})
+
+
+def _cached_ids(vals: Sequence[Any], name: str, required: bool) -> list[Any] | None:
+    """Id entries (string, hash, type) of ``vals`` (ints and strings only), None when one is invalid."""
+    got = list(map(_ID_CACHE.get, vals))
+    if None in got:
+        try:
+            for i in [i for i, g in enumerate(got) if g is None]:
+                got[i] = _id(vals[i], name, required) or _EMPTY_CAT
+        except _Invalid:
+            return None
+    return got
+
+
+def _columnar(records: Sequence[RawRecord], objs: list[Any]) -> DecodedBatch | None:
+    """Validate a whole batch of parsed objects column by column, with C-level maps; None (use the
+    row path) unless every record is a plain event with known fields only and valid values.
+
+    It accepts exactly what :func:`_fast` accepts (known action names, ASCII request ids, integer
+    ts, int/str ids that :func:`_id` accepts, no context, no null fields) and returns the same
+    values: the decode tests compare every path with the one-record reference.
+    """
+    n = len(objs)
+    try:
+        if set(map(type, objs)) != _DICT:
+            return None
+        types, users, items, tss = (list(map(g, objs)) for g in _REQUIRED)
+        kinds = list(map(EVENT_TYPES.get, types))
+        cats = list(map(_GET_CAT, objs))
+        actions = list(map(_ACTION_OR_NONE.get, map(_GET_ACTION, objs)))
+    except (KeyError, TypeError):  # a missing field, or an unhashable value where a name belongs
+        return None
+    rids = list(map(_GET_RID, objs))
+    if (None in kinds or None in actions or set(map(type, tss)) != {int}
+            or not set(map(type, users)) <= _ID_TYPES or not set(map(type, items)) <= _ID_TYPES
+            or not set(map(type, cats)) <= _OPT_ID_TYPES or not set(map(type, rids)) <= _OPT_STR):
+        return None
+    try:
+        ts = np.fromiter(tss, np.int64, n)
+    except OverflowError:
+        return None
+    if ts.min() < MIN_TS_MS or ts.max() >= MAX_TS_MS:
+        return None
+    kind = np.array(kinds, dtype=np.uint8)
+    has_cat = np.fromiter(map(operator.is_not, cats, itertools.repeat(None)), bool, n)
+    has_rid = np.fromiter(map(operator.is_not, rids, itertools.repeat(None)), bool, n)
+    action = np.array(actions, dtype=np.uint8)
+    has_action = action != 0
+    # known fields only: the dict holds exactly the 4 required plus the optional ones present
+    expect = 4 + has_cat.astype(np.int64) + has_action + has_rid
+    if not np.array_equal(np.fromiter(map(len, objs), np.int64, n), expect):
+        return None
+    if not has_cat[kind == IMPRESSION].all() or not has_rid[kind != BEHAVIOR].all():
+        return None
+    present = [r for r in rids if r is not None]
+    if present and (not all(map(str.isascii, present)) or any(
+            not rids[i] or len(rids[i]) > MAX_ID_CHARS for i in np.flatnonzero(kind != BEHAVIOR).tolist())):
+        return None
+    ue = _cached_ids(users, "user_id", True)
+    ie = _cached_ids(items, "item_id", True)
+    ce = _cached_ids(cats, "category_id", False)
+    if ue is None or ie is None or ce is None:
+        return None
+    action[~has_action] = np.where(kind[~has_action] == CLICK, ACTIONS["click"], ACTIONS["view"])
+    return DecodedBatch(
+        kind=kind,
+        user=np.fromiter(map(_HASH, ue), np.int64, n),
+        item=np.fromiter(map(_HASH, ie), np.int64, n),
+        category=np.fromiter(map(_HASH, ce), np.int64, n),
+        action=action,
+        ts=ts,
+        request_id=rids,
+        user_raw=list(map(_RAW, ue)),
+        item_raw=list(map(_RAW, ie)),
+        cat_raw=list(map(_RAW, ce)),
+        partition=np.fromiter(map(_PARTITION, records), np.int32, n),
+        offset=np.fromiter(map(_OFFSET, records), np.int64, n),
+        context=[None] * n,
+    )
+
+
 def decode_batch(records: Sequence[RawRecord]) -> tuple[DecodedBatch, list[DeadLetter]]:
     """Decode and validate a batch. Never raises on bad data: bad records become DeadLetters.
 
     The JSON of a whole batch is parsed by one ``json.loads`` when every record is a flat object
     (the common case; see :func:`_parse_flat_group` for why that is exactly the per-record
-    result), else in groups and one by one. Validation takes a short path for the common event
-    shape (:func:`_fast`) and the full one, which words the DLQ reason, for everything else.
+    result), else in groups and one by one. Validation runs column-wise over the whole batch when
+    every record is a plain valid event (:func:`_columnar`), else row by row: a short path for the
+    common shape (:func:`_fast`) and the full one, which words the DLQ reason, for the rest.
     """
     objs = _parse_all([r.value for r in records]) if records else []
+    if objs:
+        fast = _columnar(records, objs)
+        if fast is not None:
+            return fast, []
     rows: list[tuple[Any, ...]] = []
     meta: list[tuple[int, int, dict[str, Any] | None]] = []
     dead: list[DeadLetter] = []

@@ -309,3 +309,19 @@ def test_state_and_samples_do_not_depend_on_batch_boundaries(seed, cuts, latenes
     """What a crash-and-replay relies on: another cut of the same stream ends in the same state."""
     stream = _stream(seed, 200)
     assert _run_stream(stream, cuts, lateness) == _run_stream(stream, [], lateness)
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=st.lists(st.text(), min_size=4, max_size=4), ints=st.lists(st.integers(0, 2**63 - 1), min_size=5,
+                                                                        max_size=5), clicked=st.booleans())
+def test_hand_written_json_equals_json_dumps(raw, ints, clicked):
+    from pipeline.worker import _Pending, sample_json
+
+    p = _Pending(ints[0], raw[0], ints[1], raw[1], ints[2], raw[2], ints[3], ints[4], raw[3] or "r", clicked)
+    assert p.encode() == json.dumps([p.user, p.user_raw, p.item, p.item_raw, p.cat, p.cat_raw, p.ts, p.seq_pos,
+                                     p.request_id, p.clicked]).encode()
+    assert _Pending.decode(p.encode()) == p
+    assert sample_json(p) == json.dumps({
+        "sample_id": sample_id(p.request_id, p.item), "user_id": p.user_raw, "item_id": p.item_raw,
+        "category_id": p.cat_raw, "ts": p.ts, "seq_pos": p.seq_pos, "label": int(p.clicked),
+        "user_hash": p.user, "item_hash": p.item, "category_hash": p.cat}, separators=(",", ":")).encode()
