@@ -325,3 +325,42 @@ def test_hand_written_json_equals_json_dumps(raw, ints, clicked):
         "sample_id": sample_id(p.request_id, p.item), "user_id": p.user_raw, "item_id": p.item_raw,
         "category_id": p.cat_raw, "ts": p.ts, "seq_pos": p.seq_pos, "label": int(p.clicked),
         "user_hash": p.user, "item_hash": p.item, "category_hash": p.cat}, separators=(",", ":")).encode()
+
+
+def _poll_until(consumer, n, timeout=30.0):
+    import time
+
+    out = []
+    deadline = time.monotonic() + timeout
+    while len(out) < n and time.monotonic() < deadline:
+        out += consumer.poll_batch(1000, 200)
+    return out
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_adapter_seek_after_assignment_and_static_assignment(broker, client):
+    """The adapter calls the worker relies on beyond the happy path: a seek outside the rebalance
+    callback (fenced-commit recovery) and the trainer's static assignment with start offsets."""
+    from pipeline.kafka import make_assigned_consumer, make_consumer
+    from tests.pipeline.procs import produce_partitioned
+
+    topic = f"seek-{uuid.uuid4().hex[:8]}"
+    produce_partitioned(broker.bootstrap, topic, [(i % 2, b"k", b"v%d" % i) for i in range(40)], 2)
+    assigned = []
+    c = make_consumer(client, broker.bootstrap, [topic], f"g-{uuid.uuid4().hex[:6]}", on_assign=assigned.extend,
+                      max_poll_interval_ms=3000, session_timeout_ms=3000)
+    try:
+        first = _poll_until(c, 40)
+        assert len(first) == 40 and sorted(assigned) == [(topic, 0), (topic, 1)]
+        c.seek((topic, 1), 15)
+        again = _poll_until(c, 5, timeout=10)
+        assert again and {(r.partition, r.offset) for r in again} == {(1, o) for o in range(15, 20)}
+    finally:
+        c.close()
+    a = make_assigned_consumer(client, broker.bootstrap, [topic], None, rank=1, world=2, start={(topic, 1): 17})
+    try:
+        got = _poll_until(a, 3, timeout=15)
+        assert [(r.partition, r.offset) for r in got] == [(1, 17), (1, 18), (1, 19)]
+    finally:
+        a.close()
