@@ -97,7 +97,7 @@ class ConfluentConsumer:
         if not msgs:
             return []
         try:
-            return [RawRecord(m.topic(), m.partition(), m.offset(), m.key(), m.value())
+            return [RawRecord(m.topic(), m.partition(), m.offset(), m.key(), m.value())  # type: ignore[arg-type]
                     for m in msgs if m.error() is None]
         finally:
             for m in msgs:

@@ -166,8 +166,8 @@ class SequenceStore(ABC):
         h = hashlib.sha256()
         users = list(self.users())
         for i in range(0, len(users), DIGEST_READ_BATCH):
-            part = users[i:i + DIGEST_READ_BATCH]
-            for user, b in zip(part, self.read_many(part, [None] * len(part)), strict=True):
+            chunk = users[i:i + DIGEST_READ_BATCH]
+            for user, b in zip(chunk, self.read_many(chunk, [None] * len(chunk)), strict=True):
                 h.update(struct.pack(">QQQ", user, b.start, b.end))
                 for col in (b.item, b.category, b.action, b.ts):
                     h.update(np.ascontiguousarray(col).astype(col.dtype.newbyteorder("<"), copy=False).tobytes())
@@ -190,8 +190,8 @@ class SequenceStore(ABC):
         longest = 0
         users = list(self.users())
         for i in range(0, len(users), DIGEST_READ_BATCH):
-            part = users[i:i + DIGEST_READ_BATCH]
-            for b in self.read_many(part, [None] * len(part)):
+            chunk = users[i:i + DIGEST_READ_BATCH]
+            for b in self.read_many(chunk, [None] * len(chunk)):
                 n = len(b)
                 n_users += 1
                 n_beh += n

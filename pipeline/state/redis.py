@@ -219,8 +219,8 @@ class RedisSequenceStore(SequenceStore):
         self.single_slot = single_slot
         self.readonly = readonly
         self._redis = redis
-        self.r = redis.Redis.from_url(url, socket_connect_timeout=5, socket_keepalive=True,
-                                      health_check_interval=30)
+        self.r: Any = redis.Redis.from_url(url, socket_connect_timeout=5, socket_keepalive=True,
+                                           health_check_interval=30)
         tag = "{" + namespace + "}"
         self._k_offsets = f"{tag}:offsets".encode()
         self._k_meta = f"{tag}:meta".encode()
@@ -232,7 +232,7 @@ class RedisSequenceStore(SequenceStore):
         self._read_script = self.r.register_script(_READ_LUA)
         fmt = f"chunk_rows={CHUNK_ROWS}".encode()
         try:
-            have = self.r.hget(self._k_meta, _FORMAT_KEY)
+            have: Any = self.r.hget(self._k_meta, _FORMAT_KEY)
             if have is None and not readonly:
                 self.r.hsetnx(self._k_meta, _FORMAT_KEY, fmt)
                 have = self.r.hget(self._k_meta, _FORMAT_KEY)
