@@ -119,6 +119,7 @@ class OverConfig:
 
     hidden: tuple[int, ...] = (200, 80)  # hidden widths; the last layer is Linear(hidden[-1], 1)
     activation: str = "dice"  # dice (DIN paper), prelu (DARE code), sigmoid, relu
+    input_norm: bool = True  # BatchNorm on the head input (DIN, DARE and DiffuMIN codes all have it)
 
     def __post_init__(self) -> None:
         if any(h < 1 for h in self.hidden):

@@ -7,36 +7,20 @@ from torch import nn
 
 from models.features import FeatureSpec
 
-__all__ = ["EMBEDDING_INIT_STD", "MLP", "Dice", "ItemEmbedding", "make_activation"]
+__all__ = ["EMBEDDING_INIT_STD", "MLP", "BatchNorm", "Dice", "ItemEmbedding", "make_activation"]
 
 #: Every embedding table starts as N(0, 0.01²): thuml/DARE initialises all non-bias parameters
 #: with N(0, 0.01) (papers.md §3(b)); the padding row 0 is zero and never trained.
 EMBEDDING_INIT_STD = 0.01
 
 
-class Dice(nn.Module):
-    """DIN's Dice activation: ``p = σ((s − E[s]) / sqrt(Var[s] + ε))``, ``f = p·s + (1 − p)·α·s``.
+class _RunningStats(nn.Module):
+    """Batch statistics in training (updating running ones), running statistics in eval."""
 
-    Training uses the mini-batch statistics of the (masked) rows and updates running statistics;
-    eval uses the running statistics (BatchNorm without affine, papers.md §1(a), pitfall 25). It is
-    computed by hand rather than with ``BatchNorm1d`` so a batch of one row works (variance 0).
-
-    Args:
-        num_features (int): hidden units H; statistics and α are per unit.
-        eps (float, default 1e-8): the paper's ε.
-        momentum (float, default 0.1): running-statistics update rate.
-
-    Example:
-        >>> dice = Dice(8)
-        >>> y = dice(torch.randn(4, 8))
-        >>> assert y.shape == (4, 8)
-    """
-
-    def __init__(self, num_features: int, eps: float = 1e-8, momentum: float = 0.1) -> None:
+    def __init__(self, num_features: int, eps: float, momentum: float) -> None:
         super().__init__()
         self.eps = eps
         self.momentum = momentum
-        self.alpha = nn.Parameter(torch.zeros(num_features))  # (H,) FuxiCTR/DIN-code init 0
         self.register_buffer("running_mean", torch.zeros(num_features))  # (H,)
         self.register_buffer("running_var", torch.ones(num_features))  # (H,)
 
@@ -62,6 +46,29 @@ class Dice(nn.Module):
             self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
         return mean, var
 
+
+class Dice(_RunningStats):
+    """DIN's Dice activation: ``p = σ((s − E[s]) / sqrt(Var[s] + ε))``, ``f = p·s + (1 − p)·α·s``.
+
+    Training uses the mini-batch statistics of the (masked) rows and updates running statistics;
+    eval uses the running statistics (BatchNorm without affine, papers.md §1(a), pitfall 25). It is
+    computed by hand rather than with ``BatchNorm1d`` so a batch of one row works (variance 0).
+
+    Args:
+        num_features (int): hidden units H; statistics and α are per unit.
+        eps (float, default 1e-8): the paper's ε.
+        momentum (float, default 0.1): running-statistics update rate.
+
+    Example:
+        >>> dice = Dice(8)
+        >>> y = dice(torch.randn(4, 8))
+        >>> assert y.shape == (4, 8)
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-8, momentum: float = 0.1) -> None:
+        super().__init__(num_features, eps, momentum)
+        self.alpha = nn.Parameter(torch.zeros(num_features))  # (H,) FuxiCTR/DIN-code init 0
+
     def activate(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
         """Dice with given statistics (elementwise)."""
         p = torch.sigmoid((x - mean) * torch.rsqrt(var + self.eps))
@@ -70,6 +77,30 @@ class Dice(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         mean, var = self.statistics(x, mask)
         return self.activate(x, mean, var)
+
+
+class BatchNorm(_RunningStats):
+    """BatchNorm over the last dimension (the head-input BN of the DIN, DARE and DiffuMIN codes),
+    by hand so a training batch of one row works (it then outputs the bias).
+
+    Args:
+        num_features (int): width H.
+        eps (float, default 1e-5): variance guard.
+        momentum (float, default 0.1): running-statistics update rate.
+
+    Example:
+        >>> bn = BatchNorm(6)
+        >>> assert bn(torch.randn(5, 6)).shape == (5, 6)
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__(num_features, eps, momentum)
+        self.weight = nn.Parameter(torch.ones(num_features))  # (H,)
+        self.bias = nn.Parameter(torch.zeros(num_features))  # (H,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean, var = self.statistics(x)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
 
 
 def make_activation(name: str, width: int) -> nn.Module:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.arch.layers import EMBEDDING_INIT_STD, MLP
+from models.arch.layers import EMBEDDING_INIT_STD, MLP, BatchNorm
 from models.base import BackendModule
 from models.config import DAREConfig, SDIMConfig
 from models.features import Batch, FeatureSpec
@@ -192,7 +192,8 @@ class DARESequenceArch(BackendModule):
         self.repr_dim = dim + config.pos_dim
         self.out_dim = 2 * self.repr_dim
         if config.aux_weight > 0:
-            self.aux_mlp = MLP(3 * self.repr_dim, (200, 80), "prelu")  # DARE code's head widths
+            self.aux_norm = BatchNorm(3 * self.repr_dim)  # DARE code: BN → 200 → PReLU → 80 → PReLU
+            self.aux_mlp = MLP(3 * self.repr_dim, (200, 80), "prelu")
             self.aux_out = nn.Linear(80, 1)
 
     def _positions(self, length: int, device: torch.device) -> torch.Tensor:
@@ -228,7 +229,8 @@ class DARESequenceArch(BackendModule):
         aux: dict[str, torch.Tensor] = {}
         if labels is not None and self.training and self.config.aux_weight > 0:
             h_full = full_softmax_attention(query, keys, values, mask, batch.user_index, pos_logits)
-            aux_logit = self.aux_out(self.aux_mlp(torch.cat([r_t, h_full, r_t * h_full], -1))).squeeze(-1)
+            aux_in = self.aux_norm(torch.cat([r_t, h_full, r_t * h_full], -1))  # (B, 3·dr)
+            aux_logit = self.aux_out(self.aux_mlp(aux_in)).squeeze(-1)
             aux["dare_aux"] = self.config.aux_weight * F.binary_cross_entropy_with_logits(
                 aux_logit, labels.to(aux_logit.dtype))
         return torch.cat([h, r_t * h], dim=-1), aux  # (B, 2·dr)

@@ -131,15 +131,15 @@ def test_dare_attention_and_representation_tables_get_different_gradients(spec, 
 
 def test_dare_aux_loss_gives_unselected_behaviors_attention_gradient(spec, make_batch):
     """Without the aux head the attention table learns only from the K selected behaviors."""
-    batch = make_batch((64,))
+    batch = make_batch((64, 64, 64))  # 3 users: top-2 search rows (6) + the 3 candidates (queries)
     grads = {}
     for w in (0.0, 1.0):
         ranker = build_ranker("dare", spec, embed_dim=8, short=None, long={"top_k": 2, "aux_weight": w})
-        loss, _ = RankerTrain(ranker)(batch, torch.tensor([1.0]))
+        loss, _ = RankerTrain(ranker)(batch, torch.tensor([1.0, 0.0, 1.0]))
         loss.backward()
         g = ranker.long.attn_item.weight.grad
         grads[w] = int((g[torch.unique(batch.hist_item[batch.hist_mask])].abs().sum(-1) > 0).sum())
-    assert grads[0.0] <= 2 < grads[1.0]
+    assert grads[0.0] <= 9 < grads[1.0]
 
 
 # ---- DiffuMIN -------------------------------------------------------------------------------------
