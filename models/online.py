@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 import torch
 from mlflow import MlflowClient
-from pydantic import Field
 
 from models._window import MetricWindow
 from models.features import FeatureSpec, build_batch
@@ -47,7 +46,7 @@ from models.registry import (
     record_decision,
 )
 from models.tracking import RunTracker, default_tracking_uri
-from pipeline.config import DEFAULT_STORE, CommonSettings
+from pipeline.config import TrainerSettings
 from pipeline.events import RawRecord
 from pipeline.exceptions import ConfigError
 from pipeline.kafka import make_assigned_consumer
@@ -64,29 +63,6 @@ STATE_FILE = "state.pt"
 #: Recently learned sample ids remembered for de-duplication. Replays after a worker crash re-emit
 #: at most one attribution window of samples, far fewer than this.
 DEDUP_CAPACITY = 1_000_000
-
-
-class TrainerSettings(CommonSettings):
-    store: str = DEFAULT_STORE  # the worker's sequence store (read-only here)
-    models: str = "din,sdim"  # comma-separated presets trained side by side on the same samples
-    group_id: str = "ctrstream-trainer"  # consumer group on the samples topic
-    batch_size: int = Field(256, gt=0)  # samples per step
-    lr: float = Field(2e-3, gt=0)  # Adam learning rate
-    seq_len: int = Field(1000, gt=0)  # history read for long-sequence models
-    short_len: int = Field(50, gt=0)  # history read for `din` (the last N)
-    item_buckets: int = Field(1 << 18, gt=1)  # item embedding rows
-    category_buckets: int = Field(1 << 12, gt=1)  # category embedding rows
-    tracking_uri: str | None = None  # MLflow; default: MLFLOW_TRACKING_URI, else .ctrstream/mlflow.db
-    experiment: str = "ctrstream-online"  # MLflow experiment
-    registered_prefix: str = "ctrstream-"  # registered model name = prefix + preset
-    checkpoint_every: int = Field(5000, gt=0)  # samples between registry versions
-    window: int = Field(2000, gt=10)  # samples in the sliding metric / promotion window
-    promotion_margin: float = Field(0.0, ge=0)  # AUC the challenger must beat the champion by
-    exit_when_idle: float | None = Field(None, gt=0)  # stop after this many seconds without samples
-    seed: int = 0  # model initialisation seed
-    store_wait_s: float = Field(30.0, ge=0)  # wait this long for the store to reach a sample's seq_pos
-    checkpoint_dir: str = ".ctrstream/trainer"  # crash-safe state: models, optimizers, windows, offsets
-    state_every: int = Field(1000, gt=0)  # samples between crash-safe state saves
 
 
 @dataclass

@@ -99,7 +99,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from models.online import TrainerSettings, run_trainer
+    from models.online import run_trainer
+    from pipeline.config import TrainerSettings
 
     s = _settings(TrainerSettings, args, "trainer")
     reports = run_trainer(s)
@@ -159,9 +160,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from models.online import TrainerSettings
-    from pipeline.config import ProduceSettings, WorkerSettings
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    from pipeline.config import ProduceSettings, TrainerSettings, WorkerSettings
 
     p = argparse.ArgumentParser(prog="ctrstream", description="Streaming CTR ranking over lifelong behavior sequences.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -226,19 +226,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--tracking-uri", default=None)
     m.set_defaults(func=cmd_models)
 
-    try:
+    e = sub.add_parser("evaluate", help="offline time-ordered evaluation of several models")
+    if command == "evaluate":  # its flags import torch: only for this command (keeps `worker` starting fast)
         from models.evaluate import add_evaluate_arguments, evaluate_command
 
-        e = sub.add_parser("evaluate", help="offline time-ordered evaluation of several models")
         add_evaluate_arguments(e)
         e.set_defaults(func=evaluate_command)
-    except ImportError as e:  # pragma: no cover
-        log.debug("evaluate unavailable: %s", e)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
