@@ -37,6 +37,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+# MLflow warns that a python_model object is pickled; ours holds no state (weights travel as
+# state_dict + config.json and are rebuilt by models.load_ranker), so the warning does not apply.
+logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
