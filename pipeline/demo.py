@@ -66,7 +66,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from pipeline.kafka import make_producer
     from pipeline.produce import produce_events
 
-    console = Console(stderr=False)
+    console = Console(stderr=False, width=None if sys.stdout.isatty() else 120)  # logs keep full tables
     work = Path(args.workdir).resolve()
     if work.exists():
         shutil.rmtree(work)
