@@ -205,8 +205,10 @@ class DiffuMINArch(BackendModule):
     ``O (B, d, c)``. Relevance ``A = E·O`` (B, L, c); each real behavior is routed to its top-1
     channel, each channel keeps its ``keep`` most relevant routed behaviors (the official code's
     fixed top-k rather than the paper's top-p%, pitfall 23), and the interest is the
-    relevance-weighted **mean over the kept behaviors** ``r (B, c, d)`` (the code divides by the
-    padded length, which would make the output depend on padding).
+    relevance-weighted sum over the kept behaviors divided by the sequence length, as in the code
+    (``r (B, c, d)``). The code divides by the *padded* length; we divide by the user's real
+    length (the same on unpadded data), so padding never changes the output and ``r`` still
+    grows with how much of the history the channel keeps.
 
     **DMIG.** ``r̂ = ℓ2norm(r)`` is diffused with a linear-β DDPM schedule. The denoiser predicts
     x0 (the clean interest) in the loss ``L_d = MSE(f(x_t, t), r̂)`` *and* in the sampler (one
@@ -290,7 +292,7 @@ class DiffuMINArch(BackendModule):
         kept = torch.isfinite(top_val)  # (B, c, k)
         w = torch.gather(rel.transpose(1, 2), 2, top_idx) * kept  # (B, c, k) relevance weights
         e = emb[user_index.view(-1, 1, 1), top_idx]  # (B, c, k, d)
-        n = kept.sum(-1, keepdim=True).clamp(min=1).to(e.dtype)  # (B, c, 1)
+        n = real.sum(-1).clamp(min=1).to(e.dtype).view(-1, 1, 1)  # (B, 1, 1) the user's real length
         return torch.einsum("bck,bckd->bcd", w, e) / n  # (B, c, d)
 
     def _tokens(self, x0: torch.Tensor, noised: torch.Tensor) -> torch.Tensor:
