@@ -68,8 +68,7 @@ def test_extension_path_is_taken_when_exact(make_store, preset):
 
 
 def test_sdim_window_full_re_encodes(make_store):
-    if real_models() is None:
-        pytest.skip("needs the real SDIM ranker")
+    assert real_models() is not None, "the real SDIM ranker must exist"
     store = make_store({"dave": 64})
     scorer = Scorer(store, LoadedModel(build_test_ranker("sdim"), "ctr", "1"))
     scorer.score(ScoringRequest("dave", ITEMS, CATS))
