@@ -189,6 +189,10 @@ class DiffusionDenoiser(nn.Module):
         return x[torch.arange(x.shape[0], device=x.device), position]  # (N, d)
 
 
+#: Eval-time sampler noise: a frozen N(0, 1) table, row = candidate item id mod this (see sample()).
+_INFERENCE_NOISE_ROWS = 1024
+_INFERENCE_NOISE_SEED = 20250815
+
 #: A Gram-Schmidt residual shorter than this is treated as rank deficiency (zero basis vector).
 _QR_EPS = 1e-6
 
@@ -214,8 +218,9 @@ class DiffuMINArch(BackendModule):
     x0 (the clean interest) in the loss ``L_d = MSE(f(x_t, t), r̂)`` *and* in the sampler (one
     parameterisation, pitfall 19). The sampler starts from a perturbed genuine interest
     ``q(x_{t0} | r̂)`` at ``t0 = start_step`` and takes ``sample_steps`` strided DDPM posterior
-    steps to t = 0, in training (with noise, gradients through every step) and inference
-    (noise-free posterior means: deterministic scores, so a cached encoding scores identically).
+    steps to t = 0, in training (fresh noise, gradients through every step) and inference (the
+    same noise distribution frozen per candidate item: deterministic scores, independent of the
+    batch, and no train/serve shift in the generated features).
 
     **CMIC.** Per channel, ``r̂`` and ``r*`` go through two projectors (d → 4d ReLU → d),
     are ℓ2-normalised and aligned by InfoNCE over the batch (temperature 0.05).
@@ -249,6 +254,10 @@ class DiffuMINArch(BackendModule):
         self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, 0).float(), persistent=False)  # (T,)
         steps = torch.linspace(config.start_step, 0, config.sample_steps).round().to(torch.int64)
         self.register_buffer("sample_timesteps", torch.unique_consecutive(steps), persistent=False)
+        gen = torch.Generator().manual_seed(_INFERENCE_NOISE_SEED)
+        table = torch.randn(_INFERENCE_NOISE_ROWS, self.sample_timesteps.shape[0], config.channels, dim,
+                           generator=gen)  # (rows, steps, c, d): rebuilt from constants, not saved
+        self.register_buffer("inference_noise", table, persistent=False)
         self.out_dim = 2 * config.channels * dim
 
     def encode(self, hist_emb: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
@@ -315,13 +324,22 @@ class DiffuMINArch(BackendModule):
         x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * torch.randn_like(x0)
         return F.mse_loss(self._denoise(x0, x_t, t, bases), x0)
 
-    def sample(self, x0: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
-        """r* from the perturbed genuine interests; stochastic in training, posterior means in eval."""
-        b, c, _ = x0.shape
+    def sample(self, x0: torch.Tensor, bases: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """r* from the perturbed genuine interests ``x0 (B, c, d)``.
+
+        Training draws fresh noise (the paper's stochastic generator). Eval draws the *same
+        distribution* from a frozen noise table indexed by ``keys (B,)`` (the candidate item id),
+        so a candidate's score is deterministic, does not depend on its batch, and the features the
+        head sees in serving are distributed as in training (noise-free posterior means are not).
+        """
+        b, c, d = x0.shape
         steps = self.sample_timesteps
-        noise = self.training
+        if self.training or keys is None:
+            noise = torch.randn(steps.shape[0], b, c, d, dtype=x0.dtype, device=x0.device)
+        else:
+            noise = self.inference_noise[keys % self.inference_noise.shape[0]].transpose(0, 1).to(x0.dtype)
         ab0 = self.alphas_cumprod[steps[0]]
-        x = ab0.sqrt() * x0 + ((1 - ab0).sqrt() * torch.randn_like(x0) if noise else 0.0)
+        x = ab0.sqrt() * x0 + (1 - ab0).sqrt() * noise[0]
         for j in range(steps.shape[0]):
             t = steps[j]
             x0_hat = self._denoise(x0, x, t.expand(b, c), bases)
@@ -330,7 +348,7 @@ class DiffuMINArch(BackendModule):
             ab_t, ab_s = self.alphas_cumprod[t], self.alphas_cumprod[steps[j + 1]]
             beta = 1 - ab_t / ab_s  # the strided step's beta
             mean = (ab_s.sqrt() * beta * x0_hat + (1 - beta).sqrt() * (1 - ab_s) * x) / (1 - ab_t)
-            x = mean + ((beta * (1 - ab_s) / (1 - ab_t)).sqrt() * torch.randn_like(x) if noise else 0.0)
+            x = mean + (beta * (1 - ab_s) / (1 - ab_t)).sqrt() * noise[j + 1]
         return x
 
     def contrastive_loss(self, x0: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
@@ -349,7 +367,7 @@ class DiffuMINArch(BackendModule):
         bases = self.channels(target)  # (B, d, c)
         r = self.interests(bases, encoded["long_emb"], encoded["long_mask"], batch.user_index)  # (B, c, d)
         x0 = F.normalize(r, dim=-1)  # (B, c, d); an empty channel stays 0
-        generated = self.sample(x0, bases)  # (B, c, d)
+        generated = self.sample(x0, bases, batch.cand_item)  # (B, c, d)
         aux: dict[str, torch.Tensor] = {}
         if labels is not None and self.training:
             cfg = self.config
