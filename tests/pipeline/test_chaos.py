@@ -110,9 +110,11 @@ def test_sigkill_chaos_ends_in_the_uninterrupted_state(chaos_stream, broker, tmp
     rng = random.Random(backend)
     log = tmp_path / "worker.log"
     # kill points: KILLS random positions in the stream; each life is SIGKILLed once the committed
-    # offsets pass its point, after a further random 0-50 ms (so kills land anywhere in a batch:
+    # offsets pass its point, after a further random 0-20 ms (so kills land anywhere in a batch:
     # polling, decoding, producing, committing)
-    targets = sorted(rng.sample(range(c["n"] // 20, c["n"] * 17 // 20), KILLS))
+    # (kill points stop at 60% of the stream: the confluent worker can finish the last 15% within the
+    # random delay, and a kill after the end of the stream tests nothing)
+    targets = sorted(rng.sample(range(c["n"] // 20, c["n"] * 3 // 5), KILLS))
     kills = 0
     done = 0
     for target in targets:
@@ -121,7 +123,7 @@ def test_sigkill_chaos_ends_in_the_uninterrupted_state(chaos_stream, broker, tmp
         try:
             wait_for(lambda: total(stored_offsets(uri, c["group"])) >= target or p.poll() is not None, 90,
                      every=0.02, what="worker progress")
-            time.sleep(rng.uniform(0, 0.05))
+            time.sleep(rng.uniform(0, 0.02))
         finally:
             p.send_signal(signal.SIGKILL)
             p.wait(30)
