@@ -112,7 +112,7 @@ class Replay:
                 out.append(Behaviors(z, z, np.zeros(0, np.uint8), z))
                 continue
             out.append(Behaviors(self.seq_item[u][start:end], self.seq_cat[u][start:end],
-                                 self.seq_action[u][start:end], z, start))
+                                 self.seq_action[u][start:end], np.zeros(end - start, np.int64), start))
         return out
 
 

@@ -8,7 +8,13 @@ import json
 import numpy as np
 import pytest
 
-from models.evaluate import EvalSettings, add_evaluate_arguments, evaluate_command, replay_events, run_evaluation
+from models.evaluate import (
+    EvalSettings,
+    add_evaluate_arguments,
+    evaluate_command,
+    replay_events,
+    run_evaluation,
+)
 from models.metrics import auc, calibration, gauc, logloss
 from pipeline.events import hash_id
 
