@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import tomllib
-from pydantic import Field, ValidationError
+from pydantic import AliasChoices, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
+from pipeline.checkpoint import DEFAULT_COMMIT_INTERVAL_MS, DEFAULT_COMMIT_MAX_EVENTS
 from pipeline.exceptions import ConfigError
 
 __all__ = ["CommonSettings", "WorkerSettings", "ProduceSettings", "TrainerSettings", "load_settings", "DEFAULT_STORE"]
@@ -38,7 +39,15 @@ class WorkerSettings(CommonSettings):
     group_id: str = "ctrstream-worker"  # consumer group (partitions are spread over its members)
     attribution_window_ms: int = Field(30 * 60 * 1000, gt=0)  # a click counts within this event time
     allowed_lateness_ms: int = Field(5_000, ge=0)  # watermark = max event time seen - this
-    max_poll_records: int = Field(5_000, gt=0)  # records per batch (one store transaction each)
+    max_poll_records: int = Field(5_000, gt=0)  # records per poll batch
+    # The open checkpoint (pipeline/checkpoint.py) is committed (producer flush, one atomic store
+    # commit with the offsets, then the broker's offsets) every commit_max_events records or every
+    # commit_interval_ms, whichever comes first, and at once on SIGTERM, revoke and idle exit.
+    # commit_interval_ms=0 or commit_max_events=1 commits every poll batch. Upper bounds: a longer
+    # interval would replay minutes of stream after a crash; a larger checkpoint holds its appends in
+    # memory (~30 bytes per event). How the defaults were chosen: pipeline/checkpoint.py.
+    commit_interval_ms: int = Field(DEFAULT_COMMIT_INTERVAL_MS, ge=0, le=600_000)  # max time between commits
+    commit_max_events: int = Field(DEFAULT_COMMIT_MAX_EVENTS, gt=0, le=10_000_000)  # max records per commit
     poll_timeout_ms: int = Field(500, gt=0)  # how long one poll waits for records
     exit_when_idle: float | None = Field(None, gt=0)  # stop after this many seconds with no record
     drain_on_exit: bool = False  # on idle exit, label every pending impression (bounded replays)
@@ -73,6 +82,23 @@ class TrainerSettings(CommonSettings):
     store_wait_s: float = Field(30.0, ge=0)  # wait this long for the store to reach a sample's seq_pos
     checkpoint_dir: str = ".ctrstream/trainer"  # crash-safe state: models, optimizers, windows, offsets
     state_every: int = Field(1000, gt=0)  # samples between crash-safe state saves
+    # Data parallel (docs/training.md "Scale-out"). torchrun's variables are read too (they win over
+    # the CTRSTREAM_ ones; flags win over both).
+    world_size: int = Field(1, gt=0, validation_alias=AliasChoices(
+        "world_size", "WORLD_SIZE", "CTRSTREAM_WORLD_SIZE"))  # trainer processes (ranks) in the group
+    rank: int = Field(0, ge=0, validation_alias=AliasChoices(
+        "rank", "RANK", "CTRSTREAM_RANK"))  # this process: consumes partitions p with p % world_size == rank
+    local_rank: int = Field(0, ge=0, validation_alias=AliasChoices(
+        "local_rank", "LOCAL_RANK", "CTRSTREAM_LOCAL_RANK"))  # GPU index on this host (nccl only)
+    dist_init: str | None = None  # tcp://HOST:PORT of rank 0; default env:// (MASTER_ADDR/MASTER_PORT)
+    dist_backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl when CUDA is available, else gloo
+    dist_timeout_s: float = Field(600.0, gt=0)  # how long a collective waits for the other ranks
+
+    @model_validator(mode="after")
+    def _rank_in_world(self) -> TrainerSettings:
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank {self.rank} is not below world_size {self.world_size}")
+        return self
 
 
 def load_settings(cls: type[S], cli: dict[str, Any], config: str | Path | None = None,

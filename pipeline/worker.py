@@ -52,7 +52,6 @@ Policies (tested in ``tests/pipeline/test_worker.py``):
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import json
 import logging
@@ -65,11 +64,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.checkpoint import Checkpoint, CommitPolicy
 from pipeline.config import WorkerSettings
 from pipeline.events import ACTIONS, BEHAVIOR, CLICK, IMPRESSION, DeadLetter, RawRecord, decode_batch
 from pipeline.exceptions import OffsetRegressionError
 from pipeline.kafka import ConsumerAdapter, ProducerAdapter, TopicPartitionT, make_consumer, make_producer
-from pipeline.state import Behaviors, SequenceStore, StateDelta, open_store
+from pipeline.state import SequenceStore, StateDelta, open_store
 
 __all__ = ["StreamWorker", "WorkerStats", "run_worker", "sample_id"]
 
@@ -137,6 +137,7 @@ class WorkerStats:
     duplicate_impressions: int = 0
     unmatched_clicks: int = 0
     batches: int = 0
+    commits: int = 0
     fenced_commits: int = 0
     skipped_below_stored: int = 0
 
@@ -166,6 +167,11 @@ class StreamWorker:
         self._group = settings.group_id
         self._stored_offsets: dict[TopicPartitionT, int] = {}
         self._prefixes: dict[TopicPartitionT, bytes] = {}
+        #: the open unit of work: every batch since the last commit (pipeline.checkpoint)
+        self.checkpoint = Checkpoint(self._group, CommitPolicy(settings.commit_interval_ms,
+                                                               settings.commit_max_events))
+        #: told the offsets of every successful commit (run_worker commits them to the broker, for lag)
+        self.on_committed: Callable[[dict[TopicPartitionT, int]], None] | None = None
         #: set when a commit was fenced: the caller must re-assign (reload state, seek)
         self.fenced = False
 
@@ -190,6 +196,7 @@ class StreamWorker:
     # ---- partition lifecycle ----------------------------------------------------------------------
     def assign(self, tps: list[TopicPartitionT]) -> dict[TopicPartitionT, int]:
         """Load state for newly owned partitions; return the offsets to seek to (stored, else 0)."""
+        self.commit()  # work done under the old assignment (none after a revoke: eager rebalances revoke first)
         self._stored_offsets = self.store.offsets(self._group)
         self._lengths.clear()  # another worker may have appended while we did not own these users
         seeks: dict[TopicPartitionT, int] = {}
@@ -218,28 +225,58 @@ class StreamWorker:
         return seeks
 
     def revoke(self, tps: list[TopicPartitionT]) -> None:
-        # Every processed batch is already committed (we commit per batch), so nothing is lost.
+        self.commit()  # everything processed of these partitions is stored before they go
         for tp in tps:
             self._parts.pop(tp, None)
         self._lengths.clear()
         log.info("revoked %s", tps)
 
-    def _prefetch_lengths(self, users: np.ndarray) -> None:
+    # ---- commits ------------------------------------------------------------------------------------
+    def commit(self) -> bool:
+        """Commit the open checkpoint now (flush, then one atomic store commit, then the broker's
+        offsets). False when the commit was fenced: ``fenced`` is set, the caller re-assigns."""
+        cp = self.checkpoint
+        if cp.empty:
+            return True
+        try:
+            delta = cp.commit(self.store, self.producer, self.on_committed)
+        except OffsetRegressionError as e:
+            log.warning("%s", e)
+            self.stats.fenced_commits += 1
+            self._discard()
+            self.fenced = True
+            return False
+        except BaseException:
+            self._discard()  # a failed flush or store: nothing of the checkpoint is stored; it propagates
+            raise
+        if delta is not None:
+            self.stats.commits += 1
+            self._stored_offsets.update(delta.offsets)
         if len(self._lengths) > LENGTH_CACHE_MAX:
-            self._lengths.clear()
-        known = self._lengths
-        missing = [u for u in np.unique(users).tolist() if u not in known]
-        if missing:
-            known.update(zip(missing, self.store.lengths(missing), strict=True))
+            self._lengths.clear()  # only here: between commits the cache holds uncommitted appends
+        return True
+
+    def commit_if_due(self) -> bool:
+        """Commit when the policy says so (``commit_max_events`` or ``commit_interval_ms``)."""
+        return self.commit() if self.checkpoint.due() else True
+
+    def _discard(self) -> None:
+        # The in-memory state of every partition moved past what the store holds: forget it all. The
+        # caller re-assigns (reloads from the store, seeks to the stored offsets) or the process exits.
+        self._parts.clear()
+        self._lengths.clear()
 
     # ---- the batch ----------------------------------------------------------------------------------
     def process(self, records: list[RawRecord]) -> int:
-        """Apply one poll batch; returns the number of samples emitted."""
+        """Apply one poll batch to the open checkpoint, then commit it if it is due; returns the
+        number of samples emitted."""
         if not records:
             return 0
         s = self.stats
+        cp = self.checkpoint
         s.batches += 1
         s.events += len(records)
+        cp.count(len(records))
         # next offset per owned partition, over every record of the batch (dead ones included)
         last: dict[TopicPartitionT, int] = {}
         first: dict[TopicPartitionT, int] = {}
@@ -248,8 +285,10 @@ class StreamWorker:
             if tp not in last:
                 first[tp] = r.offset
             last[tp] = r.offset
-        low = {tp: self._stored_offsets[tp] for tp, off in first.items()
-               if tp in self._parts and tp in self._stored_offsets and off < self._stored_offsets[tp]}
+        # applied = stored, or further in the open checkpoint: a record below it is never applied again
+        applied = {**self._stored_offsets, **cp.delta.offsets}
+        low = {tp: applied[tp] for tp, off in first.items()
+               if tp in self._parts and tp in applied and off < applied[tp]}
         if low:
             records = self._below_stored(records, low, last)
             if not records:
@@ -261,33 +300,20 @@ class StreamWorker:
             log.debug("skipping records of partitions not owned: %s", [tp for tp in last if tp not in self._parts])
         batch, dead = decode_batch(records)
         s.dead_letters += len(dead)
-        delta = StateDelta(self._group)
+        delta = cp.delta
         emitted = self._apply(batch, records[0].topic, {tp[1] for tp in owned if tp[0] == records[0].topic}, delta)
         for tp in owned:
-            st = self._parts[tp]
-            off = last[tp] + 1
-            delta.offsets[tp] = off
-            delta.expect_offsets[tp] = self._stored_offsets.get(tp)
-            delta.meta[self._wm_key(tp)] = _WM.pack(st.watermark)
-        self._publish(dead)
-        try:
-            self.store.commit(delta)
-        except OffsetRegressionError as e:
-            log.warning("%s", e)
-            s.fenced_commits += 1
-            self.fenced = True
-            for tp in owned:  # in-memory state of these partitions is stale now
-                self._parts.pop(tp, None)
-            self._lengths.clear()
-            return emitted
-        self._stored_offsets.update(delta.offsets)
-        for u, b in delta.appends.items():
-            self._lengths[u] = self._lengths[u] + len(b)
+            cp.advance(tp, last[tp] + 1, self._stored_offsets.get(tp))
+            delta.meta[self._wm_key(tp)] = _WM.pack(self._parts[tp].watermark)
+        for d in dead:
+            self.producer.send(self.s.dlq_topic, d.record.key, d.to_json())
+        if cp.due():
+            self.commit()
         return emitted
 
     def _below_stored(self, records: list[RawRecord], low: dict[TopicPartitionT, int],
                       last: dict[TopicPartitionT, int]) -> list[RawRecord]:
-        """Drop records below the stored offset: they were applied already (or belong to a log that
+        """Drop records below the applied offset: they were applied already (or belong to a log that
         restarted, which cannot be applied meaningfully either). Never applied twice."""
         keep = [r for r in records if not ((r.topic, r.partition) in low and r.offset < low[(r.topic, r.partition)])]
         n = len(records) - len(keep)
@@ -313,66 +339,83 @@ class StreamWorker:
             return self._advance_all(delta, {}, topic)
         k = kind[idx]
         s = self.stats
-        n_beh = int(np.count_nonzero(k == BEHAVIOR))
-        n_imp = int(np.count_nonzero(k == IMPRESSION))
-        s.behaviors += n_beh
+        is_imp = k == IMPRESSION
+        not_beh = k != BEHAVIOR
+        n_imp = int(np.count_nonzero(is_imp))
+        n_ic = int(np.count_nonzero(not_beh))
+        s.behaviors += len(idx) - n_ic
         s.impressions += n_imp
-        s.clicks += len(idx) - n_beh - n_imp
-        self._prefetch_lengths(user[idx])
-        # -- sequence appends (behaviors and clicks), grouped by user, arrival order kept ---------
-        app = idx[k != IMPRESSION]
-        groups: dict[int, tuple[int, int]] = {}
-        rows_l: list[int] = []
-        if len(app):
-            order = np.argsort(user[app], kind="stable")
-            rows = app[order]
-            us = user[rows]
-            cut = np.flatnonzero(us[1:] != us[:-1]) + 1
-            starts = np.concatenate(([0], cut))
-            ends = np.concatenate((cut, [len(us)]))
-            items, cats, tss = batch.item[rows], batch.category[rows], ts[rows]
-            acts = batch.action[rows]
-            acts[kind[rows] == CLICK] = _CLICK_ACTION
-            for u, a, z in zip(us[starts].tolist(), starts.tolist(), ends.tolist(), strict=True):
-                delta.appends[u] = Behaviors(items[a:z], cats[a:z], acts[a:z], tss[a:z])
-                groups[u] = (a, z)
-            rows_l = rows.tolist()
+        s.clicks += n_ic - n_imp
+        # -- sequence positions: each user's length before the batch plus its appends before each row
+        u = user[idx]
+        uniq, inv = np.unique(u, return_inverse=True)
+        ul = uniq.tolist()
+        lengths = self._lengths
+        missing = [x for x in ul if x not in lengths]
+        if missing:  # the cache is cleared only right after a commit: the store's length is current
+            lengths.update(zip(missing, self.store.lengths(missing), strict=True))
+        base = np.fromiter(map(lengths.__getitem__, ul), np.int64, len(ul))
+        is_app = ~is_imp  # behaviors and clicks (a click is also a behavior)
+        if n_imp < len(idx):
+            cnt = np.bincount(inv, weights=is_app, minlength=len(ul)).astype(np.int64)
+            lengths.update(zip(ul, (base + cnt).tolist(), strict=True))
+            ar = idx[is_app]
+            acts = batch.action[ar]
+            acts[kind[ar] == CLICK] = _CLICK_ACTION
+            self.checkpoint.add_appends(user[ar], batch.item[ar], batch.category[ar], acts, ts[ar])
+        ic = idx[not_beh]
+        seq_pos: list[int] = []
+        if n_imp:
+            # appends of the same user before each row of the batch: an exclusive running count
+            # within each user's rows (grouped by a stable sort, so arrival order holds in a group)
+            order = np.argsort(inv, kind="stable")
+            a = is_app[order].astype(np.int64)
+            run = np.cumsum(a) - a
+            g = inv[order]
+            before = np.empty(len(idx), np.int64)
+            before[order] = run - run[np.searchsorted(g, np.arange(len(ul)))][g]
+            seq_pos = (base[inv] + before)[not_beh].tolist()
         # -- per-partition watermark before each impression/click, and at the end ----------------
-        ic = idx[k != BEHAVIOR]
         final_wm: dict[int, int] = {}
         wm_before = np.empty(len(ic), dtype=np.int64)
         for p in np.unique(part[idx]).tolist():
             st = self._parts[(topic, p)]
             rows_p = idx[part[idx] == p]
-            run = np.maximum.accumulate(np.maximum(ts[rows_p], st.watermark))
-            final_wm[p] = int(run[-1])
+            run_wm = np.maximum.accumulate(np.maximum(ts[rows_p], st.watermark))
+            final_wm[p] = int(run_wm[-1])
             if len(ic):
                 # watermark over the rows strictly before each impression/click of this partition
                 sel = part[ic] == p
                 pos = np.searchsorted(rows_p, ic[sel])
-                wm_before[sel] = np.where(pos > 0, run[np.maximum(pos - 1, 0)], st.watermark)
+                wm_before[sel] = np.where(pos > 0, run_wm[np.maximum(pos - 1, 0)], st.watermark)
         emitted = 0
         if len(ic):
-            emitted += self._joins(batch, topic, ic, wm_before, groups, rows_l, delta)
+            emitted += self._joins(batch, topic, ic, wm_before, seq_pos or [0] * len(ic), delta)
         return emitted + self._advance_all(delta, final_wm, topic)
 
     def _joins(self, batch, topic: str, ic: np.ndarray, wm_before: np.ndarray,  # type: ignore[no-untyped-def]
-               groups: dict[int, tuple[int, int]], rows_l: list[int], delta: StateDelta) -> int:
+               seq_pos: list[int], delta: StateDelta) -> int:
         """Impressions and clicks, one by one in arrival order (the joins need it)."""
         s = self.stats
         w = self.s.attribution_window_ms
+        lateness = self.s.allowed_lateness_ms
         emitted = 0
         put, dele = delta.pending_put, delta.pending_del
-        lengths = self._lengths
         rid_l, uraw_l, iraw_l, craw_l = batch.request_id, batch.user_raw, batch.item_raw, batch.cat_raw
-        for r, kd, u, it, ct, t, p, wm in zip(
+        pkey = self._pkey
+        for r, kd, u, it, ct, t, p, wm, sp in zip(
                 ic.tolist(), batch.kind[ic].tolist(), batch.user[ic].tolist(), batch.item[ic].tolist(),
                 batch.category[ic].tolist(), batch.ts[ic].tolist(), batch.partition[ic].tolist(),
-                wm_before.tolist(), strict=True):
+                wm_before.tolist(), seq_pos, strict=True):
             tp = (topic, p)
             st = self._parts[tp]
             if wm > st.watermark:
                 st.watermark = wm
+            # label what the earlier events closed, even when this event did not move the watermark:
+            # an impression that arrived already past it is labeled before the next impression/click
+            # (as with a batch cut right after it), never later
+            limit = st.watermark - lateness - w
+            if (st.heap and st.heap[0][0] < limit) or (st.orphan_heap and st.orphan_heap[0][0] < limit):
                 emitted += self._emit_ready(delta, tp, st)
             rid = rid_l[r]
             key = (rid, it)
@@ -381,29 +424,27 @@ class StreamWorker:
                 if s_ is not None:
                     if 0 <= t - s_.ts <= w and not s_.clicked:
                         s_.clicked = True
-                        put[self._pkey(tp, b"I", rid, it)] = s_.encode()
+                        put[pkey(tp, b"I", rid, it)] = s_.encode()
                 else:
                     # impression not seen yet (out of order), or already labeled (late click)
                     st.orphans[key] = t
                     heapq.heappush(st.orphan_heap, (t, rid, it))
-                    put[self._pkey(tp, b"C", rid, it)] = _WM.pack(t)
+                    put[pkey(tp, b"C", rid, it)] = _WM.pack(t)
                 continue
             if key in st.pending:
                 s.duplicate_impressions += 1
                 continue
-            g = groups.get(u)
-            before = 0 if g is None else bisect.bisect_left(rows_l, r, g[0], g[1]) - g[0]
-            pend = _Pending(u, uraw_l[r], it, iraw_l[r], ct, craw_l[r], t, lengths[u] + before, rid)
+            pend = _Pending(u, uraw_l[r], it, iraw_l[r], ct, craw_l[r], t, sp, rid)
             cts = st.orphans.pop(key, None)
             if cts is not None:
-                ck = self._pkey(tp, b"C", rid, it)
+                ck = pkey(tp, b"C", rid, it)
                 put.pop(ck, None)
                 dele.add(ck)
                 if 0 <= cts - t <= w:
                     pend.clicked = True
             st.pending[key] = pend
             heapq.heappush(st.heap, (t, rid, it))
-            put[self._pkey(tp, b"I", rid, it)] = pend.encode()
+            put[pkey(tp, b"I", rid, it)] = pend.encode()
         return emitted
 
     def _advance_all(self, delta: StateDelta, final_wm: dict[int, int], topic: str) -> int:
@@ -447,17 +488,11 @@ class StreamWorker:
         self.stats.positives += p.clicked
         self.producer.send(self.s.samples_topic, p.user_raw.encode(), sample_json(p))
 
-    def _publish(self, dead: list[DeadLetter]) -> None:
-        for d in dead:
-            self.producer.send(self.s.dlq_topic, d.record.key, d.to_json())
-        self.producer.flush()  # samples + dead letters are durable before the state commit
-
     def drain(self) -> int:
         """Label every pending impression now (end of a bounded replay) and commit."""
-        delta = StateDelta(self._group)
+        delta = self.checkpoint.delta
         n = sum(self._emit_ready(delta, tp, st, drain=True) for tp, st in self._parts.items())
-        self.producer.flush()
-        self.store.commit(delta)
+        self.commit()
         return n
 
 
@@ -492,6 +527,7 @@ def run_worker(settings: WorkerSettings, *, stop: threading.Event | None = None,
                              session_timeout_ms=settings.session_timeout_ms,
                              max_poll_records=settings.max_poll_records)
     consumer_ref.append(consumer)
+    worker.on_committed = consumer.commit  # broker-side offsets follow each state commit (lag dashboards)
     started = time.monotonic()
     last_data = 0.0
     try:
@@ -504,23 +540,24 @@ def run_worker(settings: WorkerSettings, *, stop: threading.Event | None = None,
                     consumer.seek(tp, off)
                 pending_seeks.clear()
             if records:
-                worker.process(records)
-                if worker.fenced:  # another worker committed our partitions: reload and seek
-                    worker.fenced = False
-                    for tp, off in worker.assign(consumer.assignment()).items():
-                        consumer.seek(tp, off)
-                else:
-                    consumer.commit(worker.stored_offsets)
+                worker.process(records)  # commits when the checkpoint is due
                 last_data = time.monotonic()
                 if on_batch:
                     on_batch(worker.stats)
-            elif settings.exit_when_idle:
+            else:
+                worker.commit_if_due()  # the interval also runs out while no record arrives
+            if worker.fenced:  # another worker committed our partitions: reload and seek
+                worker.fenced = False
+                for tp, off in worker.assign(consumer.assignment()).items():
+                    consumer.seek(tp, off)
+            if not records and settings.exit_when_idle:
                 if last_data and time.monotonic() - last_data > settings.exit_when_idle:
                     log.info("idle for %.1fs, exiting", settings.exit_when_idle)
                     break
                 if not last_data and time.monotonic() - started > NO_ASSIGNMENT_GIVE_UP_S + settings.exit_when_idle:
                     log.warning("no partition assigned after %.0fs, exiting", time.monotonic() - started)
                     break
+        worker.commit()  # stopped (SIGTERM/SIGINT) or idle: what was processed is stored before exit
         if settings.drain_on_exit:
             worker.drain()
             if on_batch:

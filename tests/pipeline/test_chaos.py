@@ -105,8 +105,10 @@ def test_sigkill_chaos_ends_in_the_uninterrupted_state(chaos_stream, broker, tmp
     uri = store_uri(backend, tmp_path, request)
     samples_topic = f"{c['topic']}.samples-{backend}"
     create_topics(broker.bootstrap, {samples_topic: c["parts"]})
+    # checkpoints of ~4 batches (commit_max_events): kills land inside open checkpoints as well as
+    # between batches and commits
     argv = worker_argv(broker.bootstrap, c["topic"], c["group"], uri, kafka_client=client, max_poll_records=300,
-                       samples_topic=samples_topic, exit_when_idle=3)
+                       commit_max_events=1000, samples_topic=samples_topic, exit_when_idle=3)
     rng = random.Random(backend)
     log = tmp_path / "worker.log"
     # kill points: KILLS random positions in the stream; each life is SIGKILLed once the committed
@@ -150,7 +152,8 @@ def test_rebalance_with_a_killed_member_applies_every_event_once(broker, redis_s
     produce_partitioned(broker.bootstrap, topic, recs, parts, [f"{topic}.samples", f"{topic}.dlq"])
     raw = layout(recs, topic)
     uri = redis_server.store_uri()
-    argv = worker_argv(broker.bootstrap, topic, group, uri, max_poll_records=100, exit_when_idle=8)
+    argv = worker_argv(broker.bootstrap, topic, group, uri, max_poll_records=100, commit_max_events=500,
+                       exit_when_idle=8)
     logs = [tmp_path / f"w{i}.log" for i in range(3)]
     procs = [start_worker(argv, logs[i]) for i in range(3)]
     try:
@@ -230,9 +233,12 @@ def test_sigterm_finishes_the_batch_commits_and_exits_0(broker, tmp_path):
     raw = layout(recs, topic)
     uri = f"lmdb://{tmp_path}/store"
     log = tmp_path / "worker.log"
-    argv = worker_argv(broker.bootstrap, topic, group, uri, max_poll_records=200, exit_when_idle=3)
+    # a long interval and large checkpoints: SIGTERM must commit the open checkpoint, not wait for it
+    argv = worker_argv(broker.bootstrap, topic, group, uri, max_poll_records=200, commit_max_events=2000,
+                       commit_interval_ms=60_000, exit_when_idle=3)
     p = start_worker(argv, log)
     wait_for(lambda: total(stored_offsets(uri, group)) > 0, 90, what="progress")
+    time.sleep(0.05)  # a few more batches into the next checkpoint
     p.send_signal(signal.SIGTERM)
     assert p.wait(30) == 0, log.read_text()[-3000:]
     assert '{"worker": {' in log.read_text()

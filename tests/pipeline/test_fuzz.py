@@ -41,6 +41,7 @@ def test_worker_survives_hostile_batches(seed, batch):
     raw = [RawRecord("events", 0, i, k, v) for i, (k, v, _) in enumerate(recs)]
     for i in range(0, len(raw), batch):
         w.process(raw[i:i + batch])
+    w.commit()
     dlq = w.producer.dlq()
     bad = [i for i, (_, _, good) in enumerate(recs) if not good]
     assert sorted(d["offset"] for d in dlq) == bad and all(d["reason"] for d in dlq)
