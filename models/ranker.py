@@ -158,15 +158,18 @@ class Ranker(BackendModule):
             enc.update(self.long.encode(hist_emb, batch))
         return enc
 
-    def extend_encoding(self, encoded: dict[str, torch.Tensor], new_behaviors: Batch) -> dict[str, torch.Tensor]:
+    def extend_encoding(self, encoded: dict[str, torch.Tensor], new_behaviors: Batch,
+                        evicted: Batch | None = None) -> dict[str, torch.Tensor]:
         """``encoded`` after appending behaviors, without re-reading the history.
 
         ``new_behaviors`` holds only the new behaviors as history rows (most recent first, the
         same U rows as ``encoded``; its candidate fields are ignored). Windows (short, long) slide
         exactly as :func:`build_batch` would cut the longer history. SDIM's bucket sums are
-        additive: new behaviors are added, nothing is evicted, so the table equals a rebuild while
-        the user's total stays within ``features.seq_len`` (rebuild past that, and after every
-        weight update: the table depends on the embeddings, pitfall 11).
+        additive: new behaviors are added, and the behaviors that the append pushes out of the
+        ``features.seq_len`` window must be passed as ``evicted`` (same layout) so they are
+        subtracted; without ``evicted`` the table equals a rebuild only while the user's total stays
+        within ``seq_len``. Per-column encodings (short window, DIN, DARE) ignore ``evicted``.
+        Rebuild after every weight update: the encodings depend on the embeddings (pitfall 11).
         """
         new_emb = self.embedding(new_behaviors.hist_item, new_behaviors.hist_cat)  # (U, n, d)
         new_mask = new_behaviors.hist_mask
@@ -175,7 +178,11 @@ class Ranker(BackendModule):
             (out["short_emb"],), out["short_mask"] = _compact_prepend(
                 [new_emb], new_mask, [encoded["short_emb"]], encoded["short_mask"], self._short_len())
         if isinstance(self.long, SDIMSequenceArch):
-            out.update(self.long.extend(encoded, new_emb, new_mask))
+            old_emb = old_mask = None
+            if evicted is not None:
+                old_emb = self.embedding(evicted.hist_item, evicted.hist_cat)  # (U, e, d)
+                old_mask = evicted.hist_mask
+            out.update(self.long.extend(encoded, new_emb, new_mask, old_emb, old_mask))
         elif self.long is not None:
             window = self.config.features.seq_len
             if isinstance(self.long, DINLongArch) and self.long.attention.config.length:

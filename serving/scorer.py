@@ -27,6 +27,7 @@ encoding's size depends on the model.
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from collections import OrderedDict
@@ -139,6 +140,7 @@ class _Entry:
     window: int  # behaviors inside the encoding (<= spec.seq_len)
     encoding: Encoding
     nbytes: int
+    drift: int = 0  # behaviors added/subtracted incrementally since the last full encode
 
 
 class EncodingCache:
@@ -219,18 +221,26 @@ def _hash_all(ids: Sequence[str]) -> np.ndarray:
 
 #: Long-sequence kinds whose ``extend_encoding`` stays exact when the window slides (old behaviors
 #: fall out): their encodings are per-column and ``extend_encoding`` re-cuts the window the way
-#: ``build_batch`` does. SDIM's bucket sums only add (nothing is evicted), so SDIM is extended only
-#: while the user's window is not full; other kinds (DiffuMIN) are re-encoded.
+#: ``build_batch`` does.
 _SLIDING_EXTEND_KINDS = (None, "din", "dare")
+#: Kinds whose encoding is a sum over the window (SDIM bucket tables): the window slides exactly
+#: when the behaviors that fall out are passed to ``extend_encoding(..., evicted=...)`` and
+#: subtracted.
+_EVICTING_EXTEND_KINDS = ("sdim",)
 
 
-def _extends_exactly(ranker: Any, window: int, new: int) -> bool:
-    """Whether ``ranker.extend_encoding`` with ``new`` behaviors equals re-encoding the longer history."""
+def _extend_mode(ranker: Any) -> str:
+    """How ``ranker.extend_encoding`` can absorb new behaviors: ``"slide"`` (exact at any window
+    fill), ``"evict"`` (exact when the evicted behaviors are passed too), ``"grow"`` (exact only
+    while nothing falls out of the window) or ``"none"`` (no ``extend_encoding``)."""
     if not hasattr(ranker, "extend_encoding"):
-        return False
-    if window + new <= ranker.config.features.seq_len:  # nothing falls out of the window
-        return True
-    return getattr(ranker.config, "long_kind", "?") in _SLIDING_EXTEND_KINDS
+        return "none"
+    kind = getattr(ranker.config, "long_kind", "?")
+    if kind in _SLIDING_EXTEND_KINDS:
+        return "slide"
+    if kind in _EVICTING_EXTEND_KINDS and "evicted" in inspect.signature(ranker.extend_encoding).parameters:
+        return "evict"
+    return "grow"
 
 
 #: Sentinel user key of the shared empty-history encoding (hash_id never yields a negative id).
@@ -356,17 +366,11 @@ class Scorer:
             return entry.encoding, entry.window, (CacheOutcome.EMPTY if end == 0 else CacheOutcome.HIT)
 
         outcome = CacheOutcome.EMPTY if end == 0 else CacheOutcome.MISS
-        new = end - entry.end if entry is not None else 0
-        if entry is not None and 0 < new <= MAX_EXTEND_BEHAVIORS and _extends_exactly(ranker, entry.window, new):
-            tail = store.read(user, end=end, max_len=new)
-            if len(tail) == new:  # not trimmed by the lifelong cap in between
-                batch = build_batch([tail], [], [], spec, user_index=[])
-                with torch.inference_mode():
-                    encoding = ranker.extend_encoding(entry.encoding, batch)
-                window = min(entry.window + new, spec.seq_len)
-                encoding, nbytes = _compact(encoding)
-                self.cache.put(key, _Entry(end, window, encoding, nbytes))
-                return encoding, window, CacheOutcome.EXTEND
+        if entry is not None and 0 < end - entry.end <= MAX_EXTEND_BEHAVIORS:
+            extended = self._extend(store, model, user, end, entry)
+            if extended is not None:
+                self.cache.put(key, extended)
+                return extended.encoding, extended.window, CacheOutcome.EXTEND
 
         hist = store.read(user, end=end, max_len=spec.seq_len) if end else empty_behaviors()
         batch = build_batch([hist], [], [], spec, user_index=[])
@@ -376,6 +380,42 @@ class Scorer:
             encoding, nbytes = _compact(encoding)
             self.cache.put(key, _Entry(end, len(hist), encoding, nbytes))
         return encoding, len(hist), outcome
+
+    def _extend(self, store: SequenceStore, model: LoadedModel, user: int, end: int,
+                entry: _Entry) -> _Entry | None:
+        """``entry`` extended to sequence end ``end`` from the new behaviors only (and, for summed
+        encodings, the behaviors that fall out of the window), or None when that would not equal a
+        fresh encode (then the caller re-encodes).
+
+        Summed encodings (SDIM) are rebuilt once the behaviors added and subtracted incrementally
+        since the last full encode exceed ``seq_len``: the float sums then never carry more
+        roundings than one rebuild performs (``tests/serving/test_scorer.py`` checks incremental
+        == rebuilt).
+        """
+        ranker, spec = model.ranker, model.spec
+        mode = _extend_mode(ranker)
+        new = end - entry.end
+        evict = max(0, entry.window + new - spec.seq_len)  # oldest behaviors that leave the window
+        if mode == "none" or new > spec.seq_len or (evict and mode == "grow"):
+            return None
+        drift = entry.drift + (new + evict if mode == "evict" else 0)
+        if drift > spec.seq_len:
+            return None
+        tail = store.read(user, end=end, max_len=new)
+        if len(tail) != new:  # trimmed by the lifelong cap in between
+            return None
+        kwargs: dict[str, Batch] = {}
+        if evict and mode == "evict":
+            first = entry.end - entry.window  # absolute position of the oldest encoded behavior
+            gone = store.read(user, end=first + evict, max_len=evict)
+            if len(gone) != evict:
+                return None
+            kwargs["evicted"] = build_batch([gone], [], [], spec, user_index=[])
+        batch = build_batch([tail], [], [], spec, user_index=[])
+        with torch.inference_mode():
+            encoding = ranker.extend_encoding(entry.encoding, batch, **kwargs)
+        encoding, nbytes = _compact(encoding)
+        return _Entry(end, min(entry.window + new, spec.seq_len), encoding, nbytes, drift)
 
     @staticmethod
     def _result(model: LoadedModel, logits: torch.Tensor, window: int, outcome: str) -> ScoreResult:

@@ -67,14 +67,60 @@ def test_extension_path_is_taken_when_exact(make_store, preset):
     assert res.history_len == 23
 
 
-def test_sdim_window_full_re_encodes(make_store):
+def _fresh_encoding(ranker, store, user: str) -> dict[str, torch.Tensor]:
+    hist = store.read(hash_id(user), max_len=ranker.config.features.seq_len)
+    with torch.inference_mode():
+        return ranker.encode(build_batch([hist], [], [], ranker.config.features, user_index=[]))
+
+
+def test_sdim_full_window_is_extended_with_evictions(make_store):
+    """A full SDIM window slides incrementally: the behaviors that fall out are subtracted from the
+    bucket sums, and the result equals a fresh encode of the new window (incremental == rebuilt),
+    served scores included, over many small appends."""
     assert real_models() is not None, "the real SDIM ranker must exist"
-    store = make_store({"dave": 64})
-    scorer = Scorer(store, LoadedModel(build_test_ranker("sdim"), "ctr", "1"))
-    scorer.score(ScoringRequest("dave", ITEMS, CATS))
-    store.commit(StateDelta("test", appends={hash_id("dave"): behaviors(2, seed=4)}))
-    # SDIM bucket sums cannot evict: past seq_len the scorer re-encodes instead of extending
+    store = make_store({"dave": 64})  # SPEC.seq_len = 64: the window is full from the start
+    ranker = build_test_ranker("sdim")
+    scorer = Scorer(store, LoadedModel(ranker, "ctr", "1"))
     assert scorer.score(ScoringRequest("dave", ITEMS, CATS)).cache == CacheOutcome.MISS
+    for step in range(12):
+        store.commit(StateDelta("test", appends={hash_id("dave"): behaviors(1 + step % 3, seed=40 + step)}))
+        res = scorer.score(ScoringRequest("dave", ITEMS, CATS))
+        assert res.cache == CacheOutcome.EXTEND and res.history_len == 64
+        np.testing.assert_allclose(res.scores, direct_scores(ranker, store, "dave"), rtol=1e-5, atol=1e-6)
+        cached = scorer.cache.get(("1", hash_id("dave")))
+        fresh = _fresh_encoding(ranker, store, "dave")
+        assert torch.equal(cached.encoding["sdim_counts"], fresh["sdim_counts"])
+        torch.testing.assert_close(cached.encoding["sdim_sums"], fresh["sdim_sums"], rtol=1e-5, atol=1e-6)
+        empty = fresh["sdim_counts"] == 0  # emptied buckets hold an exact 0, not rounding residue
+        assert bool((cached.encoding["sdim_sums"][empty] == 0).all())
+        torch.testing.assert_close(cached.encoding["short_emb"], fresh["short_emb"])
+
+
+def test_sdim_incremental_drift_is_bounded_by_a_rebuild(make_store):
+    """Once the behaviors added and subtracted incrementally exceed seq_len, the user is re-encoded."""
+    store = make_store({"erin": 64})
+    scorer = Scorer(store, LoadedModel(build_test_ranker("sdim"), "ctr", "1"))
+    scorer.score(ScoringRequest("erin", ITEMS, CATS))
+    outcomes = []
+    for step in range(3):  # 3 x (20 added + 20 evicted) = 120 > 64 at the 2nd append
+        store.commit(StateDelta("test", appends={hash_id("erin"): behaviors(20, seed=60 + step)}))
+        outcomes.append(scorer.score(ScoringRequest("erin", ITEMS, CATS)).cache)
+    assert outcomes == [CacheOutcome.EXTEND, CacheOutcome.MISS, CacheOutcome.EXTEND]
+
+
+def test_sdim_extension_falls_back_when_evicted_behaviors_are_gone(make_store):
+    """If the lifelong cap trimmed the behaviors that leave the window, the user is re-encoded."""
+    from pipeline.state import open_store
+
+    store = open_store("memory://", cap=70)
+    store.commit(StateDelta("test", appends={hash_id("fay"): behaviors(64, seed=1)}))
+    ranker = build_test_ranker("sdim")
+    scorer = Scorer(store, LoadedModel(ranker, "ctr", "1"))
+    scorer.score(ScoringRequest("fay", ITEMS, CATS))
+    store.commit(StateDelta("test", appends={hash_id("fay"): behaviors(10, seed=2)}))  # trims the oldest 4
+    res = scorer.score(ScoringRequest("fay", ITEMS, CATS))
+    assert res.cache in (CacheOutcome.EXTEND, CacheOutcome.MISS)
+    np.testing.assert_allclose(res.scores, direct_scores(ranker, store, "fay"), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
