@@ -15,6 +15,11 @@ Two cache regimes, both printed:
   incremental extension can absorb.
 - ``"cache": "warm"``: cache on, a few users repeated, so the per-user encoding is reused and only
   the candidate side runs (a user scored again with no new behavior in between).
+- ``"cache": "append"``: cache on, a few users repeated, and before every request (untimed) this
+  process appends one new behavior to that user's sequence in the store, so the server extends the
+  cached encoding with it (``"extend"`` outcome). Every user's window is full, so the oldest
+  behavior leaves it: SDIM subtracts it from its bucket sums, DIN/DARE re-cut the window. This is
+  the steady state of an active user.
 
 One JSON line per (model, candidates, seq_len, cache)::
 
@@ -93,28 +98,45 @@ class Server:
     def __init__(self, store_uri: str, model_dir: Path, cache_mb: int, torch_threads: int, workers: int) -> None:
         cmd = [sys.executable, "-m", "serving.cli", "serve", "--store", store_uri, "--model-dir", str(model_dir),
                "--port", "0", "--cache-mb", str(cache_mb), "--torch-threads", str(torch_threads),
-               "--workers", str(workers), "--poll-interval", "5", "--grace", "1", "--max-candidates", "5000"]
+               "--workers", str(workers), "--poll-interval", "5", "--grace", "1", "--max-candidates", "5000",
+               "--metrics-port", "0"]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                                      env={**os.environ, "PYTHONPATH": str(ROOT)})
         self.lines: list[str] = []
         threading.Thread(target=self._drain, daemon=True).start()
-        self.port = self._wait_port()
+        self.port, self.metrics_port = self._wait_port()
 
     def _drain(self) -> None:
         assert self.proc.stderr is not None
         for line in iter(self.proc.stderr.readline, ""):
             self.lines.append(line)
 
-    def _wait_port(self, timeout: float = 120) -> int:
+    def _wait_port(self, timeout: float = 120) -> tuple[int, int | None]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for line in list(self.lines):
                 if '"scorer listening"' in line:
-                    return int(json.loads(line)["address"].rsplit(":", 1)[1])
+                    rec = json.loads(line)
+                    return int(rec["address"].rsplit(":", 1)[1]), rec.get("metrics_port")
             if self.proc.poll() is not None:
                 break
             time.sleep(0.05)
         raise RuntimeError("scorer did not start:\n" + "".join(self.lines[-30:]))
+
+    def cache_outcomes(self) -> dict[str, int]:
+        """The server's ``ctrstream_scorer_encoding_cache_total`` counters by outcome (cumulative)."""
+        if self.metrics_port is None:
+            return {}
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:  # noqa: S310
+            text = r.read().decode()
+        out: dict[str, int] = {}
+        for line in text.splitlines():
+            if line.startswith("ctrstream_scorer_encoding_cache_total{"):
+                outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
+                out[outcome] = int(float(line.rsplit(" ", 1)[1]))
+        return out
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -138,11 +160,33 @@ def make_requests(n: int, candidates: int, users: list[str], seed: int) -> list[
     return out
 
 
+class Appender:
+    """Appends one synthetic behavior to a user's sequence before a request (the ``append`` regime).
+    The benchmark process is the store's only writer; the server reads the same LMDB store."""
+
+    def __init__(self, uri: str, seed: int = 1) -> None:
+        self.store = open_store(uri)
+        self.rng = np.random.default_rng(seed)
+        self.ts = 10**12
+
+    def __call__(self, user_id: str) -> None:
+        k = int(self.rng.integers(0, N_ITEMS))
+        self.ts += 1000
+        beh = Behaviors(np.array([hash_id(f"i{k}")], np.int64), np.array([hash_id(f"c{k % N_CATS}")], np.int64),
+                        np.array([1], np.uint8), np.array([self.ts], np.int64))
+        self.store.commit(StateDelta("bench-append", appends={hash_id(user_id): beh}))
+
+    def close(self) -> None:
+        self.store.close()
+
+
 def drive(client: ScorerClient, requests: list[scorer_pb2.ScoreRequest], budget_s: float, min_requests: int,
-          timeout: float) -> list[float]:
+          timeout: float, before: Any = None) -> list[float]:
     lat: list[float] = []
     started = time.perf_counter()
     for req in requests:
+        if before is not None:
+            before(req.user_id)  # untimed
         t0 = time.perf_counter()
         resp, _ = client.score_request(req, timeout=timeout)
         lat.append(time.perf_counter() - t0)
@@ -171,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-requests", type=int, default=5, help="timed requests even past the budget")
     p.add_argument("--torch-threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--caches", default="cold,warm", help="cold (cache off), warm (cache on, repeated users)")
+    p.add_argument("--caches", default="cold,warm,append",
+                   help="cold (cache off), warm (cache on, repeated users), append (warm + one new behavior "
+                        "per request)")
     p.add_argument("--keep", action="store_true", help="keep the temporary store and models")
     p.add_argument("--quick", action="store_true", help="smoke run: sdim,din_long at L=1000, 200 candidates")
     args = p.parse_args(argv)
@@ -216,8 +262,19 @@ def main(argv: list[str] | None = None) -> int:
                                     slow = time.perf_counter() - warm_started > args.budget_s / 2
                                     if slow and (cache == "cold" or i >= 3):  # din_long at long L
                                         break
-                                lat = drive(client, reqs[args.warmup:], args.budget_s, args.min_requests, 600)
+                                before_outcomes = server.cache_outcomes()
+                                appender = Appender(store_uri) if cache == "append" else None
+                                try:
+                                    lat = drive(client, reqs[args.warmup:], args.budget_s, args.min_requests, 600,
+                                                before=appender)
+                                finally:
+                                    if appender is not None:
+                                        appender.close()
                                 res = summarise(model, n_cand, seq_len, cache, lat)
+                                after_outcomes = server.cache_outcomes()  # timed requests only
+                                res["server_cache_outcomes"] = {k: v - before_outcomes.get(k, 0)
+                                                                for k, v in after_outcomes.items()
+                                                                if v - before_outcomes.get(k, 0)}
                                 results.append(res)
                                 log(json.dumps(res))
                     finally:

@@ -293,6 +293,23 @@ class DARESequenceArch(BackendModule):
         r_t = torch.cat([target, self.repr_pos.weight[0].expand(target.shape[0], -1)], dim=-1)  # (B, dr)
         return query, values, pos_logits, r_t
 
+    def _serve_positions(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position ids and position logits of ``length`` columns, as ``_search_inputs`` computes
+        them, memoised for the last length while the position table is unchanged (its in-place
+        version counter and storage identify it: an optimizer step or ``load_state_dict`` bumps
+        the version). They depend only on the model, not on the user: a 10,000-row lookup and
+        mat-vec saved per request."""
+        w = self.attn_pos.weight
+        key = (length, str(device), w.data_ptr(), w._version,  # noqa: SLF001
+               torch.is_inference_mode_enabled(), torch.is_grad_enabled())  # no inference tensors in autograd
+        memo = getattr(self, "_positions_memo", None)
+        if memo is not None and memo[0] == key:
+            return memo[1], memo[2]
+        pos = self._positions(length, device)  # (L,)
+        pos_logits = self.attn_pos(pos) @ w[0] / math.sqrt(self.config.attn_pos_dim)  # (L,)
+        self._positions_memo = (key, pos, pos_logits)
+        return pos, pos_logits
+
     def _serve_one_user(self, encoded: dict[str, torch.Tensor], target: torch.Tensor,
                         batch: Batch) -> torch.Tensor | None:
         """The scorer's path (eval, one history row, CPU, torch reference backend): the same
@@ -316,8 +333,7 @@ class DARESequenceArch(BackendModule):
         if length < k or not bool(mask.all()):
             return None
         b = target.shape[0]
-        pos = self._positions(length, keys.device)  # (L,)
-        pos_logits = self.attn_pos(pos) @ self.attn_pos.weight[0] / math.sqrt(self.config.attn_pos_dim)  # (L,)
+        pos, pos_logits = self._serve_positions(length, keys.device)  # (L,), (L,)
         query = torch.cat([self.attn_item(batch.cand_item), self.attn_cat(batch.cand_cat)], dim=-1)
         query = query / math.sqrt(da)  # (B, da)
         q = query

@@ -94,3 +94,20 @@ def test_dare_serving_search_declines_padding_and_short_rows():
         out, _ = arch(enc, target, batch)
         torch.testing.assert_close(out, _reference_output(arch, enc, target, batch))
     assert math.isfinite(float(out.sum()))
+
+
+def test_dare_position_memo_follows_weight_updates_and_grad_modes():
+    arch = _dare(500)
+    with torch.inference_mode():
+        enc, target, batch = _inputs(arch, 500, b=8)
+        first = arch(enc, target, batch)[0]
+    with torch.no_grad():
+        arch.attn_pos.weight.mul_(3.0)  # an in-place update (optimizer step, load_state_dict)
+    with torch.inference_mode():
+        updated = arch(enc, target, batch)[0]
+        assert torch.equal(updated, _reference_output(arch, enc, target, batch))
+    assert not torch.equal(first, updated)
+    enc2, target2, batch2 = _inputs(arch, 500, b=8)  # grad mode, eval: no inference tensors reused
+    out = arch(enc2, target2.requires_grad_(), batch2)[0]
+    out.sum().backward()
+    assert target2.grad is not None
