@@ -33,6 +33,7 @@ so a crash between two ranks' writes can never pair one rank's model with anothe
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import re
 from collections.abc import Mapping
@@ -45,11 +46,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from models.features import Batch, FeatureSpec, build_batch
 from pipeline.config import TrainerSettings
 from pipeline.exceptions import ConfigError
+from pipeline.state import empty_behaviors
 
-__all__ = ["Agreement", "DistContext", "common_generation", "init_distributed", "loss_weight", "state_digest",
-           "state_file", "sync_buffers"]
+__all__ = ["Agreement", "DistContext", "common_generation", "init_distributed", "list_generations", "loss_weight",
+           "placeholder_batch", "snapshot_buffers", "state_digest", "state_file", "sync_buffers"]
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +109,14 @@ class DistContext:
 
         ``find_unused_parameters=True``: which parameters take part depends on the batch (DiffuMIN's
         contrastive head is skipped for a one-row batch), and it may differ between ranks in the same
-        step. ``broadcast_buffers=False``: buffers are merged by :func:`sync_buffers` instead of being
-        overwritten with rank 0's.
+        step. No buffer broadcast before each forward: buffers are merged by :func:`sync_buffers`
+        instead of being overwritten with rank 0's.
         """
         if not self.enabled:
             return module
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False,
-                                                   find_unused_parameters=True)
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True,
+                                                   **_no_forward_buffer_sync())
 
     def gather(self, obj: Any) -> list[Any] | None:
         """Every rank's ``obj`` on rank 0 (in rank order); None elsewhere."""
@@ -151,6 +154,13 @@ class DistContext:
         return self.device if self.backend == "nccl" else torch.device("cpu")
 
 
+def _no_forward_buffer_sync() -> dict[str, bool]:
+    """DDP keyword that turns off the per-forward buffer broadcast (renamed in newer torch; both keep
+    the one-time sync of parameters and buffers from rank 0 at construction)."""
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
 def init_distributed(s: TrainerSettings) -> DistContext:
     """Join the process group described by the settings (``--world-size/--rank/--dist-init`` or the
     ``WORLD_SIZE/RANK/LOCAL_RANK/MASTER_ADDR/MASTER_PORT`` variables torchrun sets)."""
@@ -177,6 +187,11 @@ def loss_weight(counts: tuple[int, ...], rank: int) -> float:
     """Factor on this rank's mean loss so that DDP's gradient average over ``len(counts)`` ranks is the
     gradient of the mean loss over all ``sum(counts)`` samples (0 for a rank without samples)."""
     return len(counts) * counts[rank] / max(1, sum(counts))
+
+
+def placeholder_batch(spec: FeatureSpec) -> Batch:
+    """One candidate with an empty history: what a rank without samples steps on (loss weight 0)."""
+    return build_batch([empty_behaviors()], [1], [1], spec)
 
 
 def _tracked_buffers(module: nn.Module) -> list[tuple[str, torch.Tensor]]:

@@ -35,11 +35,10 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from mlflow import MlflowClient
 
 from models._window import MetricWindow
 from models.distributed import (
@@ -49,25 +48,22 @@ from models.distributed import (
     init_distributed,
     list_generations,
     loss_weight,
+    placeholder_batch,
     snapshot_buffers,
     state_digest,
     state_file,
     sync_buffers,
 )
 from models.features import FeatureSpec, build_batch
-from models.registry import (
-    CHAMPION,
-    decide_promotion,
-    load_registered_ranker,
-    log_ranker_version,
-    record_decision,
-)
 from models.tracking import RunTracker, default_tracking_uri
 from pipeline.config import TrainerSettings
 from pipeline.events import RawRecord
 from pipeline.exceptions import ConfigError
 from pipeline.kafka import make_assigned_consumer
-from pipeline.state import empty_behaviors, open_store
+from pipeline.state import open_store
+
+if TYPE_CHECKING:  # MLflow and the registry are imported where used: ranks > 0 never load them
+    from mlflow import MlflowClient
 
 __all__ = ["TrainerSettings", "OnlineTrainer", "run_trainer", "ModelReport"]
 
@@ -139,11 +135,6 @@ def _loss_state(train: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in train.state_dict().items() if not k.startswith("ranker.")}
 
 
-def _placeholder_batch(spec: FeatureSpec) -> Any:
-    """One candidate with an empty history: what a rank without samples steps on (loss weight 0)."""
-    return build_batch([empty_behaviors()], [1], [1], spec)
-
-
 def _code_version() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
@@ -172,7 +163,11 @@ class OnlineTrainer:
         self.tracking_uri = settings.tracking_uri or default_tracking_uri()
         # Rank 0 alone talks to MLflow (the others never even open the store: a fresh SQLite store
         # is created by its first client, and two creating it at once collide).
-        self.client = MlflowClient(self.tracking_uri) if self.dist.is_root else None
+        self.client: MlflowClient | None = None
+        if self.dist.is_root:
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient(self.tracking_uri)
         self.store = open_store(settings.store, readonly=True)
         self.code_version = _code_version()
         self.offsets: dict[tuple[str, int], int] = {}
@@ -321,6 +316,8 @@ class OnlineTrainer:
         (config + weights) from rank 0, so every rank scores with the same snapshot."""
         found: tuple[dict[str, Any], dict[str, torch.Tensor], str] | None = None
         if self.dist.is_root:
+            from models.registry import CHAMPION, load_registered_ranker
+
             try:
                 lm = load_registered_ranker(slot.name, CHAMPION, self.tracking_uri)
                 found = (lm.ranker.config.to_dict(), lm.ranker.state_dict(), lm.version)
@@ -398,7 +395,7 @@ class OnlineTrainer:
             users, labels = [], torch.zeros(1)
             for slot in self.slots:
                 spec = slot.ranker.config.features
-                batches.setdefault(spec, _placeholder_batch(spec))
+                batches.setdefault(spec, placeholder_batch(spec))
         self.data_s += time.perf_counter() - t0
         self.samples += len(samples)
         self.total_samples += total
@@ -496,6 +493,8 @@ class OnlineTrainer:
             rep.champion = slot.champion_version
 
     def _register(self, slot: _Slot, offsets: dict[tuple[str, int], int]) -> tuple[bool, str]:
+        from models.registry import decide_promotion, log_ranker_version, record_decision
+
         rep = slot.report
         assert rep is not None and slot.tracker is not None and self.client is not None
         wm = slot.window.metrics()

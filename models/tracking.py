@@ -14,10 +14,11 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+if TYPE_CHECKING:  # MLflow is imported where it is used: a data-parallel rank > 0 never loads it
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param, RunTag
 
 __all__ = ["RunTracker", "default_tracking_uri", "sanitize_key"]
 
@@ -111,15 +112,21 @@ class RunTracker:
         self._q.put((metrics, params, tags))
 
     def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
         self._submit([], [Param(sanitize_key(k), str(v)[:6000]) for k, v in params.items()], [])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
         ts = int(time.time() * 1000)
         ms = [Metric(sanitize_key(k), float(v), ts, int(step)) for k, v in metrics.items() if v == v]
         if ms:
             self._submit(ms, [], [])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
         self._submit([], [], [RunTag(sanitize_key(k), str(v)) for k, v in tags.items()])
 
     def flush(self) -> None:

@@ -5,16 +5,18 @@ Rank 0 owns partitions 0 and 2, rank 1 partition 1, so the ranks hold different 
 most steps and rank 1 runs dry first: it must keep stepping (on placeholder batches of weight 0) until
 rank 0 is done, or DDP would hang. The test then proves that both ranks hold bit-identical weights,
 that the union of the ids they learned is the whole stream exactly once, and that rank 0 alone
-registered versions (tagged with every partition's offsets), and the same again after both ranks
-restart from their crash-safe state and learn a second part of the stream.
+registered versions (tagged with every partition's offsets). The slow test kills one rank mid-stream
+and proves the same after both restart from their crash-safe state.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -57,21 +59,25 @@ def _produce(broker, topic: str, start: int, n: int, replay: int = 0) -> set[str
     return ids
 
 
-def _run_ranks(broker, topic: str, store_uri: str, ckpt: Path, uri: str, prefix: str) -> list[dict]:
+def _start_ranks(broker, topic: str, setup: dict, prefix: str, checkpoint_every: int) -> list[subprocess.Popen]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")  # two ranks share this box's cores
     procs = []
     for rank in (0, 1):
         cmd = [sys.executable, "-m", "pipeline.cli", "train", "--bootstrap-servers", broker.bootstrap,
-               "--samples-topic", topic, "--store", store_uri, "--models", ",".join(MODELS),
-               "--tracking-uri", uri, "--checkpoint-dir", str(ckpt), "--state-every", "96",
-               "--checkpoint-every", "256", "--batch-size", "32", "--exit-when-idle", "3", "--seq-len", "64",
-               "--short-len", "16", "--item-buckets", "1024", "--category-buckets", "64",
+               "--samples-topic", topic, "--store", setup["store"], "--models", ",".join(MODELS),
+               "--tracking-uri", setup["mlflow"], "--checkpoint-dir", str(setup["ckpt"]), "--state-every", "64",
+               "--checkpoint-every", str(checkpoint_every), "--batch-size", "32", "--exit-when-idle", "2",
+               "--seq-len", "64", "--short-len", "16", "--item-buckets", "1024", "--category-buckets", "64",
                "--registered-prefix", prefix, "--group-id", f"t-{prefix}", "--experiment", prefix,
                "--world-size", "2", "--rank", str(rank), "--dist-init", f"tcp://127.0.0.1:{port}",
                "--dist-timeout-s", "120"]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    return procs
+
+
+def _wait(procs: list[subprocess.Popen]) -> list[tuple[str, str]]:
     results = []
     for proc in procs:
         try:
@@ -80,17 +86,40 @@ def _run_ranks(broker, topic: str, store_uri: str, ckpt: Path, uri: str, prefix:
             for p in procs:
                 p.kill()
             raise
-    for rank, (proc, (out, err)) in enumerate(zip(procs, results, strict=True)):
+    return results
+
+
+def _run_ranks(broker, topic: str, setup: dict, prefix: str, checkpoint_every: int) -> list[dict]:
+    """Both ranks to the end of the stream (idle exit); their final crash-safe states."""
+    procs = _start_ranks(broker, topic, setup, prefix, checkpoint_every)
+    results = _wait(procs)
+    for proc, (out, _) in zip(procs, results, strict=True):
         assert proc.returncode == 0, "\n".join(f"rank {r} exited {q.returncode}:\n{e[-2500:]}"
                                                for r, (q, (_, e)) in enumerate(zip(procs, results, strict=True)))
         assert [json.loads(line)["model"] for line in out.strip().splitlines()] == MODELS
     states = []
     for rank in (0, 1):
-        files = sorted(ckpt.glob(f"state-rank{rank}-of2-g*.pt"))
+        files = _state_files(setup["ckpt"], rank)
         assert len(files) == 1, f"rank {rank}: older generations must be deleted, found {files}"
         states.append(torch.load(files[0], weights_only=True))
     assert states[0]["generation"] == states[1]["generation"]
     return states
+
+
+def _state_files(ckpt: Path, rank: int) -> list[Path]:
+    return sorted(ckpt.glob(f"state-rank{rank}-of2-g*.pt"))
+
+
+def _setup(broker, tmp_path: Path) -> tuple[str, str, dict]:
+    tag = uuid.uuid4().hex[:8]
+    topic, prefix = f"samples-ddp-{tag}", f"ddp{tag}-"
+    store_uri = f"lmdb://{tmp_path}/store"
+    store = open_store(store_uri)
+    for u in range(USERS):
+        store.commit(StateDelta("g", appends={u + 1: make_behaviors(200, seed=u)}))
+    store.close()
+    create_topics(broker.bootstrap, {topic: 3})
+    return topic, prefix, {"store": store_uri, "mlflow": f"sqlite:///{tmp_path}/mlflow.db", "ckpt": tmp_path / "ckpt"}
 
 
 def _check(states: list[dict], ids: set[str], replays: int) -> None:
@@ -119,43 +148,51 @@ def _check(states: list[dict], ids: set[str], replays: int) -> None:
 
 @pytest.mark.kafka
 def test_two_ranks_gloo_identical_weights_exact_union_rank0_registers(broker, tmp_path):
-    tag = uuid.uuid4().hex[:8]
-    topic, prefix = f"samples-ddp-{tag}", f"ddp{tag}-"
-    store_uri = f"lmdb://{tmp_path}/store"
-    store = open_store(store_uri)
-    for u in range(USERS):
-        store.commit(StateDelta("g", appends={u + 1: make_behaviors(200, seed=u)}))
-    store.close()
-    create_topics(broker.bootstrap, {topic: 3})
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    ckpt = tmp_path / "ckpt"
-
-    ids = _produce(broker, topic, 0, 500, replay=7)
-    states = _run_ranks(broker, topic, store_uri, ckpt, uri, prefix)
+    topic, prefix, setup = _setup(broker, tmp_path)
+    ids = _produce(broker, topic, 0, 300, replay=7)
+    states = _run_ranks(broker, topic, setup, prefix, checkpoint_every=160)  # a version mid-run and at exit
     _check(states, ids, replays=7)
 
-    client = MlflowClient(uri)
+    client = MlflowClient(setup["mlflow"])
     exp = client.get_experiment_by_name(prefix)
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == len(MODELS)  # rank 0's runs only
     assert all(r.data.params["world_size"] == "2" for r in runs)
-    first = {}
     for m in MODELS:
         versions = client.search_model_versions(f"name='{prefix}{m}'")
-        assert versions, f"rank 0 registered no version of {m}"
+        assert len(versions) == 2, f"rank 0 registered {len(versions)} versions of {m}"
         last = max(versions, key=lambda v: int(v.version))
         assert int(last.tags["samples"]) == len(ids)
         assert set(json.loads(last.tags["input_offsets"])) == {f"{topic}/{p}" for p in range(3)}
-        first[m] = len(versions)
+        assert last.tags["world_size"] == "2"
 
-    # both ranks restart from their crash-safe state and learn the rest (and skip a replay of the first part)
-    ids |= _produce(broker, topic, 500, 250, replay=5)
-    states = _run_ranks(broker, topic, store_uri, ckpt, uri, prefix)
-    _check(states, ids, replays=12)
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_ranks_resume_after_one_is_killed(broker, tmp_path):
+    """SIGKILL rank 1 mid-stream: rank 0 fails too (its collectives lose the peer); both restart from
+    the newest generation they both hold and end with the whole stream learned once, same weights."""
+    topic, prefix, setup = _setup(broker, tmp_path)
+    ids = _produce(broker, topic, 0, 900, replay=9)
+    procs = _start_ranks(broker, topic, setup, prefix, checkpoint_every=256)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and procs[1].poll() is None:
+        gens = [int(f.name.rsplit("-g", 1)[1][:-3]) for f in _state_files(setup["ckpt"], 1)]
+        if gens and max(gens) >= 3:
+            break
+        time.sleep(0.05)
+    assert procs[1].poll() is None, "rank 1 finished before it could be killed"
+    procs[1].send_signal(signal.SIGKILL)
+    _wait(procs)
+    assert procs[0].returncode != 0  # rank 0 cannot go on alone
+    assert procs[1].returncode == -signal.SIGKILL
+
+    states = _run_ranks(broker, topic, setup, prefix, checkpoint_every=256)
+    _check(states, ids, replays=9)
+    client = MlflowClient(setup["mlflow"])
     for m in MODELS:
-        versions = client.search_model_versions(f"name='{prefix}{m}'")
-        assert len(versions) > first[m]
-        assert int(max(versions, key=lambda v: int(v.version)).tags["samples"]) == len(ids)
+        last = max(client.search_model_versions(f"name='{prefix}{m}'"), key=lambda v: int(v.version))
+        assert int(last.tags["samples"]) == len(ids)
 
 
 def test_torchrun_variables_configure_the_rank(monkeypatch):
