@@ -10,6 +10,7 @@ passed to ``assign()`` inside the callback, so no record is fetched from anywher
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
@@ -23,6 +24,8 @@ __all__ = ["ConfluentAssignedConsumer", "ConfluentConsumer", "ConfluentProducer"
 
 log = logging.getLogger(__name__)
 TopicPartitionT = tuple[str, int]
+#: Builds a RawRecord from a 5-tuple in C (what ``RawRecord._make`` does, minus its Python frame).
+_RAW_RECORD = functools.partial(tuple.__new__, RawRecord)
 RebalanceCb = Callable[[list[TopicPartitionT]], None]
 
 #: librdkafka prefetch limits. The worker pulls up to ``max_poll_records`` per call; a 64 MiB local
@@ -96,14 +99,18 @@ class ConfluentConsumer:
         msgs = self._c.consume(num_messages=max_records, timeout=timeout_ms / 1000)
         if not msgs:
             return []
-        try:
-            return [RawRecord(m.topic(), m.partition(), m.offset(), m.key(), m.value())  # type: ignore[arg-type]
-                    for m in msgs if m.error() is None]
-        finally:
-            for m in msgs:
-                err = m.error()
+        from confluent_kafka import Message
+
+        errors = list(map(Message.error, msgs))
+        if errors.count(None) != len(msgs):  # rare: an event (partition EOF) or an error among the messages
+            for err in errors:
                 if err is not None:
                     self._error(err)
+            msgs = [m for m, err in zip(msgs, errors, strict=True) if err is None]
+        # C-level maps over the message accessors, no Python frame per record (~1 us/record less)
+        return list(map(_RAW_RECORD, zip(map(Message.topic, msgs), map(Message.partition, msgs),
+                                         map(Message.offset, msgs), map(Message.key, msgs),
+                                         map(Message.value, msgs))))
 
     @staticmethod
     def _error(err: Any) -> None:
@@ -201,14 +208,18 @@ class ConfluentProducer:
     def __init__(self, bootstrap: str) -> None:
         from confluent_kafka import Producer
 
+        self._failed: list[str] = []
         self._p = Producer(_base_conf(bootstrap) | {
             "linger.ms": 5,
             "batch.size": 1 << 20,
             "acks": "all",
             "message.max.bytes": 16 << 20,
             "queue.buffering.max.messages": 1_000_000,
+            # a delivery report (a Python callback) only for a failed message: flush() still sees
+            # every failure, and a successful sample costs no callback (one per sample before)
+            "delivery.report.only.error": True,
+            "on_delivery": self._delivered,
         }, logger=log)
-        self._failed: list[str] = []
 
     def _delivered(self, err: Any, msg: Any) -> None:
         if err is not None:
@@ -217,7 +228,7 @@ class ConfluentProducer:
     def send(self, topic: str, key: bytes | None, value: bytes) -> None:
         while True:
             try:
-                self._p.produce(topic, value, key, on_delivery=self._delivered)
+                self._p.produce(topic, value, key)
                 return
             except BufferError:  # local queue full: let librdkafka deliver, then retry
                 self._p.poll(0.05)

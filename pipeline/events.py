@@ -11,12 +11,12 @@ fold it into sized embedding tables (``models.features``).
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -366,9 +366,6 @@ def _fast(obj: Any) -> tuple[Any, ...]:
 
 
 _REQUIRED = tuple(map(operator.itemgetter, ("type", "user_id", "item_id", "ts")))
-_GET_CAT = operator.methodcaller("get", "category_id")
-_GET_ACTION = operator.methodcaller("get", "action")
-_GET_RID = operator.methodcaller("get", "request_id")
 _RAW, _HASH = operator.itemgetter(0), operator.itemgetter(1)
 _PARTITION, _OFFSET = operator.itemgetter(1), operator.itemgetter(2)  # RawRecord fields
 _ACTION_OR_NONE: dict[Any, int] = {**ACTIONS, None: 0}
@@ -404,11 +401,12 @@ def _columnar(records: Sequence[RawRecord], objs: list[Any]) -> DecodedBatch | N
             return None
         types, users, items, tss = (list(map(g, objs)) for g in _REQUIRED)
         kinds = list(map(EVENT_TYPES.get, types))
-        cats = list(map(_GET_CAT, objs))
-        actions = list(map(_ACTION_OR_NONE.get, map(_GET_ACTION, objs)))
+        # dict.get over repeat(key): the same as methodcaller("get", key), a third of the cost
+        cats = list(map(dict.get, objs, repeat("category_id")))
+        actions = list(map(_ACTION_OR_NONE.get, map(dict.get, objs, repeat("action"))))
     except (KeyError, TypeError):  # a missing field, or an unhashable value where a name belongs
         return None
-    rids = list(map(_GET_RID, objs))
+    rids = list(map(dict.get, objs, repeat("request_id")))
     if (None in kinds or None in actions or set(map(type, tss)) != {int}
             or not set(map(type, users)) <= _ID_TYPES or not set(map(type, items)) <= _ID_TYPES
             or not set(map(type, cats)) <= _OPT_ID_TYPES or not set(map(type, rids)) <= _OPT_STR):
@@ -419,10 +417,10 @@ def _columnar(records: Sequence[RawRecord], objs: list[Any]) -> DecodedBatch | N
         return None
     if ts.min() < MIN_TS_MS or ts.max() >= MAX_TS_MS:
         return None
-    kind = np.array(kinds, dtype=np.uint8)
-    has_cat = np.fromiter(map(operator.is_not, cats, itertools.repeat(None)), bool, n)
-    has_rid = np.fromiter(map(operator.is_not, rids, itertools.repeat(None)), bool, n)
-    action = np.array(actions, dtype=np.uint8)
+    kind = np.fromiter(kinds, np.uint8, n)
+    has_cat = np.fromiter(map(operator.is_not, cats, repeat(None)), bool, n)
+    has_rid = np.fromiter(map(operator.is_not, rids, repeat(None)), bool, n)
+    action = np.fromiter(actions, np.uint8, n)
     has_action = action != 0
     # known fields only: the dict holds exactly the 4 required plus the optional ones present
     expect = 4 + has_cat.astype(np.int64) + has_action + has_rid
@@ -430,9 +428,10 @@ def _columnar(records: Sequence[RawRecord], objs: list[Any]) -> DecodedBatch | N
         return None
     if not has_cat[kind == IMPRESSION].all() or not has_rid[kind != BEHAVIOR].all():
         return None
-    present = [r for r in rids if r is not None]
-    if present and (not all(map(str.isascii, present)) or any(
-            not rids[i] or len(rids[i]) > MAX_ID_CHARS for i in np.flatnonzero(kind != BEHAVIOR).tolist())):
+    if not all(map(str.isascii, filter(None, rids))):  # every request id present is ASCII ("" is)
+        return None
+    joined = list(map(rids.__getitem__, np.flatnonzero(kind != BEHAVIOR).tolist()))  # all str (checked above)
+    if "" in joined or max(map(len, joined), default=0) > MAX_ID_CHARS:
         return None
     ue = _cached_ids(users, "user_id", True)
     ie = _cached_ids(items, "item_id", True)

@@ -4,10 +4,13 @@ produce). ``kafka-python`` is the default client; ``confluent`` (librdkafka) is 
 
 from __future__ import annotations
 
+import functools
 import logging
+import operator
 import os
 import time
 from collections.abc import Callable, Iterable
+from itertools import repeat
 from typing import Protocol
 
 from pipeline.events import RawRecord
@@ -18,6 +21,8 @@ __all__ = ["ConsumerAdapter", "ProducerAdapter", "make_assigned_consumer", "make
 
 log = logging.getLogger(__name__)
 TopicPartitionT = tuple[str, int]
+_RAW_RECORD = functools.partial(tuple.__new__, RawRecord)  # RawRecord from a 5-tuple, in C
+_OFFSET, _KEY, _VALUE = (operator.attrgetter(f) for f in ("offset", "key", "value"))  # kafka-python records
 RebalanceCb = Callable[[list[TopicPartitionT]], None]
 
 
@@ -83,8 +88,9 @@ class _KafkaPythonConsumer:
         polled = self._c.poll(timeout_ms=timeout_ms, max_records=max_records)
         out: list[RawRecord] = []
         for tp, recs in polled.items():
-            t, p = tp.topic, tp.partition
-            out += [RawRecord(t, p, r.offset, r.key, r.value) for r in recs]
+            # C-level maps over the records' fields, no Python frame per record
+            out += map(_RAW_RECORD, zip(repeat(tp.topic), repeat(tp.partition), map(_OFFSET, recs),
+                                        map(_KEY, recs), map(_VALUE, recs)))
         return out
 
     def seek(self, tp: TopicPartitionT, offset: int) -> None:

@@ -55,6 +55,7 @@ from __future__ import annotations
 import heapq
 import json
 import logging
+import operator
 import signal
 import struct
 import threading
@@ -83,6 +84,7 @@ NO_ASSIGNMENT_GIVE_UP_S = 60.0
 #: cleared and refilled from the store (one batched read per batch), which costs little.
 LENGTH_CACHE_MAX = 1 << 20
 _WM = struct.Struct(">q")
+_TOPIC, _PARTITION, _OFFSET = (operator.itemgetter(i) for i in range(3))  # RawRecord fields
 
 
 def sample_id(request_id: str, item_hash: int) -> str:
@@ -277,14 +279,20 @@ class StreamWorker:
         s.batches += 1
         s.events += len(records)
         cp.count(len(records))
-        # next offset per owned partition, over every record of the batch (dead ones included)
-        last: dict[TopicPartitionT, int] = {}
-        first: dict[TopicPartitionT, int] = {}
-        for r in records:
-            tp = (r.topic, r.partition)
-            if tp not in last:
-                first[tp] = r.offset
-            last[tp] = r.offset
+        # first and last offset per partition, over every record of the batch (dead ones included);
+        # a poll batch holds few partitions, each in offset order
+        topics = set(map(_TOPIC, records))
+        if len(topics) > 1:
+            raise ValueError("a worker batch must come from one topic")
+        (topic,) = topics
+        n = len(records)
+        parts = np.fromiter(map(_PARTITION, records), np.int64, n)
+        offs = np.fromiter(map(_OFFSET, records), np.int64, n)
+        ps, i_first = np.unique(parts, return_index=True)
+        i_last = n - 1 - np.unique(parts[::-1], return_index=True)[1]
+        keys = [(topic, p) for p in ps.tolist()]
+        first = dict(zip(keys, offs[i_first].tolist(), strict=True))
+        last = dict(zip(keys, offs[i_last].tolist(), strict=True))
         # applied = stored, or further in the open checkpoint: a record below it is never applied again
         applied = {**self._stored_offsets, **cp.delta.offsets}
         low = {tp: applied[tp] for tp, off in first.items()
@@ -293,15 +301,13 @@ class StreamWorker:
             records = self._below_stored(records, low, last)
             if not records:
                 return 0
-        if len({tp[0] for tp in last}) > 1:
-            raise ValueError("a worker batch must come from one topic")
         owned = [tp for tp in last if tp in self._parts]
         if len(owned) < len(last):
             log.debug("skipping records of partitions not owned: %s", [tp for tp in last if tp not in self._parts])
         batch, dead = decode_batch(records)
         s.dead_letters += len(dead)
         delta = cp.delta
-        emitted = self._apply(batch, records[0].topic, {tp[1] for tp in owned if tp[0] == records[0].topic}, delta)
+        emitted = self._apply(batch, topic, {tp[1] for tp in owned}, delta)
         for tp in owned:
             cp.advance(tp, last[tp] + 1, self._stored_offsets.get(tp))
             delta.meta[self._wm_key(tp)] = _WM.pack(self._parts[tp].watermark)
