@@ -204,13 +204,14 @@ def _predict(ranker: Ranker, rep: Replay, rows: np.ndarray, size: int) -> np.nda
     return np.concatenate(out) if out else np.zeros(0)
 
 
-@torch.inference_mode()
 def infer_ms_per_1k(ranker: Ranker, seq_len: int, candidates: int = 1000, repeats: int = 3,
                     chunk: int | None = None) -> float:
     """Median wall ms to encode one user with ``seq_len`` behaviors and score ``candidates``
     (scaled to 1,000). ``chunk`` scores the candidates in slices (bounds din_long's memory)."""
     cfg = ranker.config
     spec = dataclasses.replace(cfg.features, seq_len=seq_len if cfg.long is not None else cfg.features.seq_len)
+    # built outside inference mode: parameters created under it are inference tensors, which
+    # cannot be used where a version counter is read (the scorer's per-model caches do)
     timed = ranker.eval() if spec == cfg.features else Ranker(dataclasses.replace(cfg, features=spec)).eval()
     rng = np.random.default_rng(0)
     n = spec.seq_len
@@ -219,15 +220,16 @@ def infer_ms_per_1k(ranker: Ranker, seq_len: int, candidates: int = 1000, repeat
     ci, cc = rng.integers(1, 1 << 40, candidates), rng.integers(1, 1 << 20, candidates)
     chunk = chunk or candidates
     times = []
-    for _ in range(repeats + 1):  # the first run warms up allocators and lazy inits
-        t0 = time.perf_counter()
-        user = build_batch([hist], ci[:0], cc[:0], spec, user_index=np.zeros(0, np.int64))
-        enc = timed.encode(user)
-        for i in range(0, candidates, chunk):
-            cands = build_batch([hist.tail(0)], ci[i:i + chunk], cc[i:i + chunk], spec,
-                                user_index=np.zeros(len(ci[i:i + chunk]), np.int64))
-            timed(cands, encoded=enc)
-        times.append(time.perf_counter() - t0)
+    with torch.inference_mode():
+        for _ in range(repeats + 1):  # the first run warms up allocators and lazy inits
+            t0 = time.perf_counter()
+            user = build_batch([hist], ci[:0], cc[:0], spec, user_index=np.zeros(0, np.int64))
+            enc = timed.encode(user)
+            for i in range(0, candidates, chunk):
+                cands = build_batch([hist.tail(0)], ci[i:i + chunk], cc[i:i + chunk], spec,
+                                    user_index=np.zeros(len(ci[i:i + chunk]), np.int64))
+                timed(cands, encoded=enc)
+            times.append(time.perf_counter() - t0)
     return float(np.median(times[1:]) * 1000.0 * 1000.0 / candidates)
 
 
