@@ -32,6 +32,7 @@ so a crash between two ranks' writes can never pair one rank's model with anothe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import logging
@@ -221,10 +222,11 @@ def sync_buffers(ctx: DistContext, module: nn.Module, before: list[torch.Tensor]
     if not bufs:
         return
     frac = n_local / max(1, n_total)
+    dtype = functools.reduce(torch.promote_types, [b.dtype for _, b in bufs])  # float32 here: half the bytes of f64
     deltas = []
     for (name, b), old in zip(bufs, before, strict=True):
         w = float(n_local > 0) if name.endswith("counts") else frac
-        deltas.append(((b.detach() - old) * w).reshape(-1).to(torch.float64))
+        deltas.append(((b.detach() - old) * w).reshape(-1).to(dtype))
     flat = torch.cat(deltas).to(ctx.comm_device)
     dist.all_reduce(flat)
     flat = flat.to(before[0].device)
@@ -232,7 +234,7 @@ def sync_buffers(ctx: DistContext, module: nn.Module, before: list[torch.Tensor]
     with torch.no_grad():
         for (_, b), old in zip(bufs, before, strict=True):
             n = b.numel()
-            b.copy_((old.to(torch.float64) + flat[i:i + n].view_as(old)).to(b.dtype))
+            b.copy_((old.to(dtype) + flat[i:i + n].view_as(old)).to(b.dtype))
             i += n
 
 
