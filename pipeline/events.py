@@ -49,6 +49,13 @@ MAX_ID_CHARS = 256
 MIN_TS_MS = 946_684_800_000
 MAX_TS_MS = 4_102_444_800_000
 
+try:  # optional accelerator of the batch parse (see _loads_flat_batch); json alone gives the same result
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - depends on the environment
+    _orjson = None
+_DIGITS_TO_0 = bytes.maketrans(b"123456789", b"000000000")  # then a run of 19 digits is a substring search
+_DIGITS_19 = b"0" * 19
+
 _KNOWN = frozenset({"type", "user_id", "item_id", "category_id", "action", "ts", "request_id", "context"})
 _MASK63 = (1 << 63) - 1
 _ABSENT = object()
@@ -258,6 +265,25 @@ def _parse_flat_group(values: list[bytes]) -> list[Any] | None:
     return parsed if len(parsed) == len(values) else None
 
 
+def _loads_flat_batch(text: bytes) -> Any:
+    """``json.loads(text.decode("utf-8"))``, through orjson when it is installed and gives the same.
+
+    orjson (optional: ``pip install orjson``) parses this batch text about twice as fast. Where both
+    parse, they agree (strict UTF-8, last duplicate key wins in the first key's place, correctly
+    rounded floats), except that orjson turns an integer outside [-2^63, 2^64) into a float: so a
+    text holding any run of 19 digits (every such integer has one) goes to json. Whatever orjson
+    rejects (NaN/Infinity, lone surrogate escapes, 1e400, which json accepts) goes to json too,
+    so the result, or the error, is json's. The decode tests compare this path with the
+    one-record json reference over hostile and arbitrary records.
+    """
+    if _orjson is not None and _DIGITS_19 not in text.translate(_DIGITS_TO_0):
+        try:
+            return _orjson.loads(text)
+        except _orjson.JSONDecodeError:
+            pass
+    return json.loads(text.decode("utf-8"))
+
+
 def _parse_all(values: list[bytes | None]) -> list[Any]:
     n = len(values)
     # Fast path: every record flat. Checked on the joined text with a handful of C-speed counts:
@@ -273,7 +299,7 @@ def _parse_all(values: list[bytes | None]) -> list[Any]:
             and text.count(b"[") == 1 and text.count(b"]") == 1 and text.count(b"\n") == n
             and text.count(b"},\n{") == n - 1 and text[1:2] == b"{" and text[-3:-2] == b"}"):
         try:
-            parsed = json.loads(text.decode("utf-8"))
+            parsed = _loads_flat_batch(text)
             if len(parsed) == n:
                 return parsed  # type: ignore[no-any-return]
         except (ValueError, RecursionError):

@@ -84,6 +84,7 @@ NO_ASSIGNMENT_GIVE_UP_S = 60.0
 #: cleared and refilled from the store (one batched read per batch), which costs little.
 LENGTH_CACHE_MAX = 1 << 20
 _WM = struct.Struct(">q")
+_Q = struct.Struct(">Q")
 _TOPIC, _PARTITION, _OFFSET = (operator.itemgetter(i) for i in range(3))  # RawRecord fields
 
 
@@ -103,7 +104,7 @@ def sample_json(p: _Pending) -> bytes:
             f'"label":{int(p.clicked)},"user_hash":{p.user},"item_hash":{p.item},"category_hash":{p.cat}}}').encode()
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     user: int
     user_raw: str
@@ -185,7 +186,8 @@ class StreamWorker:
         return p
 
     def _pkey(self, tp: TopicPartitionT, kind: bytes, rid: str, item: int) -> bytes:
-        return self._prefix(tp) + kind + rid.encode() + b"\x00" + struct.pack(">Q", item)
+        p = self._prefixes.get(tp) or self._prefix(tp)
+        return b"".join((p, kind, rid.encode(), b"\x00", _Q.pack(item)))
 
     def _wm_key(self, tp: TopicPartitionT) -> bytes:
         return b"wm\x00" + self._prefix(tp)
@@ -467,16 +469,20 @@ class StreamWorker:
         n = 0
         w = self.s.attribution_window_ms
         limit = st.watermark - self.s.allowed_lateness_ms
-        while st.heap and (drain or st.heap[0][0] + w < limit):
-            _, rid, item = heapq.heappop(st.heap)
-            p = st.pending.pop((rid, item), None)
+        heap, pending, put, dele, pkey = st.heap, st.pending, delta.pending_put, delta.pending_del, self._pkey
+        send, topic = self.producer.send, self.s.samples_topic
+        while heap and (drain or heap[0][0] + w < limit):
+            _, rid, item = heapq.heappop(heap)
+            p = pending.pop((rid, item), None)
             if p is None:
                 continue
-            self._send_sample(p)
+            send(topic, p.user_raw.encode(), sample_json(p))
             n += 1
-            k = self._pkey(tp, b"I", rid, item)
-            delta.pending_put.pop(k, None)
-            delta.pending_del.add(k)
+            self.stats.positives += p.clicked
+            k = pkey(tp, b"I", rid, item)
+            put.pop(k, None)
+            dele.add(k)
+        self.stats.samples += n
         # orphan clicks whose window closed can no longer label anything
         while st.orphan_heap and (drain or st.orphan_heap[0][0] + w < limit):
             cts, rid, item = heapq.heappop(st.orphan_heap)
@@ -488,11 +494,6 @@ class StreamWorker:
             delta.pending_put.pop(k, None)
             delta.pending_del.add(k)
         return n
-
-    def _send_sample(self, p: _Pending) -> None:
-        self.stats.samples += 1
-        self.stats.positives += p.clicked
-        self.producer.send(self.s.samples_topic, p.user_raw.encode(), sample_json(p))
 
     def drain(self) -> int:
         """Label every pending impression now (end of a bounded replay) and commit."""

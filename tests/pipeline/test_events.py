@@ -151,3 +151,32 @@ def test_any_json_object_decodes_like_the_reference(obj):
     v = json.dumps(obj).encode()
     recs = [rec(v, 0), rec(enc(event()), 1), rec(json.dumps(obj, separators=(",", ":")).encode(), 2)]
     assert batch_decode(recs) == reference_decode(recs)
+
+
+# ---- the optional orjson parse (pipeline.events._loads_flat_batch) gives json's result ----------
+
+@pytest.mark.parametrize("user", [2**63 - 1, 2**63, 2**64 - 1, 2**64, -2**63, -2**63 - 1, 10**25, "1" * 30])
+def test_integers_past_orjson_range_decode_like_json(user):
+    """orjson turns integers outside [-2^63, 2^64) into floats; such a batch must go to json."""
+    recs = [rec(enc(event(user=user)), 0), rec(enc(event(item=10**20)), 1), rec(enc(event()), 2)]
+    assert batch_decode(recs) == reference_decode(recs)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10**6), n_good=st.integers(1, 200), n_bad=st.integers(0, 20))
+def test_batch_parse_is_the_same_with_and_without_orjson(seed, n_good, n_bad):
+    from pipeline import events as ev
+    from tests.pipeline.hostile import hostile_records
+
+    recs = [rec(v, i) for i, (_, v, _) in enumerate(hostile_records(seed, n_good, n_bad))]
+    values = [r.value for r in recs]
+
+    def parse():  # repr: NaN != NaN and types must match too; a bad record by its reason
+        return repr([("bad", o.reason) if isinstance(o, ev._Bad) else o for o in ev._parse_all(values)])
+
+    with_orjson = parse()
+    saved, ev._orjson = ev._orjson, None
+    try:
+        assert parse() == with_orjson
+    finally:
+        ev._orjson = saved
