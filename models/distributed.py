@@ -116,8 +116,8 @@ class DistContext:
         if not self.enabled:
             return module
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True,
-                                                   **_no_forward_buffer_sync())
+        ddp: Any = nn.parallel.DistributedDataParallel  # keyword names differ across torch versions
+        return ddp(module, device_ids=ids, find_unused_parameters=True, **_no_forward_buffer_sync())
 
     def gather(self, obj: Any) -> list[Any] | None:
         """Every rank's ``obj`` on rank 0 (in rank order); None elsewhere."""

@@ -65,6 +65,8 @@ from pipeline.state import open_store
 if TYPE_CHECKING:  # MLflow and the registry are imported where used: ranks > 0 never load them
     from mlflow import MlflowClient
 
+    from models.ranker import Ranker
+
 __all__ = ["TrainerSettings", "OnlineTrainer", "run_trainer", "ModelReport"]
 
 log = logging.getLogger(__name__)
@@ -101,14 +103,14 @@ class ModelReport:
 class _Slot:
     preset: str
     name: str
-    ranker: torch.nn.Module
+    ranker: Ranker
     train: torch.nn.Module
     opt: torch.optim.Optimizer
     tracker: RunTracker | None  # rank 0 only: the other ranks never talk to MLflow
     window: MetricWindow
     all_preds: list[np.ndarray] = field(default_factory=list)
     all_labels: list[np.ndarray] = field(default_factory=list)
-    champion: torch.nn.Module | None = None
+    champion: Ranker | None = None
     champion_version: str | None = None
     report: ModelReport | None = None
     step_s: float = 0.0
