@@ -78,6 +78,12 @@ def _compact_prepend(new: list[torch.Tensor], new_mask: torch.Tensor, old: list[
     """Per row: the new real behaviors (most recent first), then the old ones, padded at the end
     and cut to ``window`` columns: exactly the layout ``build_batch`` gives the longer history."""
     mask = torch.cat([new_mask, old_mask], dim=1)  # (U, n + L)
+    if mask.numel() and bool(mask.all()):  # no padding (the scorer's one full row): a plain cut
+        width = min(window, mask.shape[1])
+        n = new_mask.shape[1]
+        cut = [torch.cat([a, b[:, : width - n]], dim=1) if width > n else a[:, :width].clone()
+               for a, b in zip(new, old, strict=True)]
+        return cut, mask[:, :width]
     width = max(1, min(window, int(mask.sum(1).max()) if mask.numel() else 0))  # as build_batch
     order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]  # real first
     out = []

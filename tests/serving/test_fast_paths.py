@@ -62,7 +62,7 @@ def _reference_output(arch: DARESequenceArch, enc, target, batch) -> torch.Tenso
 def test_dare_serving_search_equals_reference(length):
     arch = _dare(length)
     with torch.inference_mode():
-        enc, target, batch = _inputs(arch, length, b=64)
+        enc, target, batch = _inputs(arch, length, b=150)  # 3 candidate blocks, the last partial
         fast = arch._serve_one_user(enc, target, batch)
         assert fast is not None
         assert torch.equal(fast, _reference_output(arch, enc, target, batch))
