@@ -52,7 +52,7 @@ MAX_TS_MS = 4_102_444_800_000
 try:  # optional accelerator of the batch parse (see _loads_flat_batch); json alone gives the same result
     import orjson as _orjson
 except ImportError:  # pragma: no cover - depends on the environment
-    _orjson = None
+    _orjson = None  # type: ignore[assignment]
 _DIGITS_TO_0 = bytes.maketrans(b"123456789", b"000000000")  # then a run of 19 digits is a substring search
 _DIGITS_19 = b"0" * 19
 
@@ -456,7 +456,7 @@ def _columnar(records: Sequence[RawRecord], objs: list[Any]) -> DecodedBatch | N
         return None
     if not all(map(str.isascii, filter(None, rids))):  # every request id present is ASCII ("" is)
         return None
-    joined = list(map(rids.__getitem__, np.flatnonzero(kind != BEHAVIOR).tolist()))  # all str (checked above)
+    joined: list[str] = list(map(rids.__getitem__, np.flatnonzero(kind != BEHAVIOR).tolist()))  # type: ignore[arg-type]  # all str: has_rid checked above
     if "" in joined or max(map(len, joined), default=0) > MAX_ID_CHARS:
         return None
     ue = _cached_ids(users, "user_id", True)

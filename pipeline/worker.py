@@ -67,7 +67,7 @@ import numpy as np
 
 from pipeline.checkpoint import Checkpoint, CommitPolicy
 from pipeline.config import WorkerSettings
-from pipeline.events import ACTIONS, BEHAVIOR, CLICK, IMPRESSION, DeadLetter, RawRecord, decode_batch
+from pipeline.events import ACTIONS, BEHAVIOR, CLICK, IMPRESSION, RawRecord, decode_batch
 from pipeline.exceptions import OffsetRegressionError
 from pipeline.kafka import ConsumerAdapter, ProducerAdapter, TopicPartitionT, make_consumer, make_producer
 from pipeline.state import SequenceStore, StateDelta, open_store
