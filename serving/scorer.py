@@ -8,7 +8,8 @@ Per request the scorer
    cheap ``store.length`` that pins ``end`` so the read and the cache key agree),
 3. encodes the user once (``ranker.encode``; SDIM bucket tables, DARE attention keys, ...) or takes
    the encoding from the cache, extending it with only the new behaviors when the ranker supports
-   it (``ranker.extend_encoding``),
+   it (``ranker.extend_encoding``; summed encodings such as SDIM's bucket tables also get the
+   behaviors that leave the window, to subtract),
 4. scores all candidates in one batched forward under ``torch.inference_mode()`` and returns
    ``sigmoid(logits)`` in candidate order.
 
@@ -66,7 +67,7 @@ class Ranker(Protocol):
 
     ``encode``/``forward(batch, encoded=...)`` are optional: a ranker without ``encode`` is scored
     with a plain ``forward(batch)`` (correct, just no per-user reuse). ``extend_encoding`` is
-    optional too (SDIM has it: bucket sums are additive).
+    optional too; a summed encoding (SDIM) takes ``evicted=`` behaviors to subtract.
     """
 
     config: Any  # has ``.features: FeatureSpec`` and ``.preset: str``
