@@ -157,8 +157,9 @@ class ConfluentConsumer:
 class ConfluentAssignedConsumer(ConfluentConsumer):
     """Static assignment: partitions ``p % world == rank`` of every topic, no group protocol.
 
-    Offsets: ``start`` when given (the trainer's checkpoint), else the group's committed offset on
-    the broker, else the beginning (same rules as the kafka-python adapter).
+    Offsets: ``start`` when given (the trainer's checkpoint; a partition missing from it starts at
+    the beginning), else the group's committed offset on the broker, else the beginning (same
+    rules as the kafka-python adapter).
     """
 
     def __init__(self, bootstrap: str, topics: Iterable[str], group_id: str | None, rank: int, world: int,
@@ -196,7 +197,9 @@ class ConfluentAssignedConsumer(ConfluentConsumer):
                     committed[(p.topic, p.partition)] = p.offset
         for p in tps:
             key = (p.topic, p.partition)
-            off = (start or {}).get(key, committed.get(key))
+            # resuming from a checkpoint: a partition it does not list had nothing consumed as of
+            # it, so it starts at the beginning, never at the group's (possibly later) commit
+            off = start.get(key) if start is not None else committed.get(key)
             p.offset = OFFSET_BEGINNING if off is None else off
         self._c.assign(tps)
 

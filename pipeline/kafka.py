@@ -120,8 +120,9 @@ class _KafkaPythonAssignedConsumer(_KafkaPythonConsumer):
 
     Used by the trainer: data-parallel ranks must own fixed partitions (a rebalance in the middle of
     a DDP step would desynchronise them), and a step that takes longer than the group's poll
-    interval must not cost the partition. Offsets: ``start`` when given (the trainer's checkpoint),
-    else the group's committed offset on the broker, else the beginning.
+    interval must not cost the partition. Offsets: ``start`` when given (the trainer's checkpoint;
+    a partition missing from it starts at the beginning), else the group's committed offset on the
+    broker, else the beginning.
     """
 
     def __init__(self, bootstrap: str, topics: Iterable[str], group_id: str | None, rank: int, world: int,
@@ -152,7 +153,9 @@ class _KafkaPythonAssignedConsumer(_KafkaPythonConsumer):
                     committed[(tp.topic, tp.partition)] = c
         for tp in tps:
             key = (tp.topic, tp.partition)
-            off = (start or {}).get(key, committed.get(key))
+            # resuming from a checkpoint: a partition it does not list had nothing consumed as of
+            # it, so it starts at the beginning, never at the group's (possibly later) commit
+            off = start.get(key) if start is not None else committed.get(key)
             if off is None:
                 self._c.seek_to_beginning(tp)
             else:
