@@ -17,7 +17,7 @@ import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import Any, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import numpy as np
 import xxhash
@@ -53,6 +53,10 @@ try:  # optional accelerator of the batch parse (see _loads_flat_batch); json al
     import orjson as _orjson
 except ImportError:  # pragma: no cover - depends on the environment
     _orjson = None  # type: ignore[assignment]
+try:  # optional: decodes AND validates the common event shape in C (see _typed_batch); same results
+    import msgspec as _msgspec
+except ImportError:  # pragma: no cover - depends on the environment
+    _msgspec = None  # type: ignore[assignment]
 _DIGITS_TO_0 = bytes.maketrans(b"123456789", b"000000000")  # then a run of 19 digits is a substring search
 _DIGITS_19 = b"0" * 19
 
@@ -393,7 +397,7 @@ def _fast(obj: Any) -> tuple[Any, ...]:
 
 _REQUIRED = tuple(map(operator.itemgetter, ("type", "user_id", "item_id", "ts")))
 _RAW, _HASH = operator.itemgetter(0), operator.itemgetter(1)
-_PARTITION, _OFFSET = operator.itemgetter(1), operator.itemgetter(2)  # RawRecord fields
+_PARTITION, _OFFSET, _VALUE = (operator.itemgetter(i) for i in (1, 2, 4))  # RawRecord fields
 _ACTION_OR_NONE: dict[Any, int] = {**ACTIONS, None: 0}
 _DICT = {dict}
 _ID_TYPES = frozenset({int, str})
@@ -482,15 +486,108 @@ def _columnar(records: Sequence[RawRecord], objs: list[Any]) -> DecodedBatch | N
     )
 
 
+# ---- the typed path: msgspec parses and validates the plain event shape in C ----------------------
+
+if _msgspec is not None:
+    _Int64 = Annotated[int, _msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)]
+    _IdStr = Annotated[str, _msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
+
+    class _PlainEvent(_msgspec.Struct, forbid_unknown_fields=True, gc=False):
+        """The plain event shape (DESIGN.md §3 without ``context`` or unknown fields), as a type.
+
+        Every constraint here is one :func:`_validate` also enforces, or stricter (an integer id
+        within int64, a non-empty request id of at most ``MAX_ID_CHARS``, no float ``ts``, no null
+        ``action``), so what decodes is valid and means the same; the rest takes the other paths.
+        ``null`` for ``category_id``/``request_id`` means absent, as in :func:`_validate`.
+        """
+
+        type: Literal["behavior", "impression", "click"]
+        user_id: _IdStr | _Int64
+        item_id: _IdStr | _Int64
+        ts: Annotated[int, _msgspec.Meta(ge=MIN_TS_MS, lt=MAX_TS_MS)]
+        category_id: _IdStr | _Int64 | None = None
+        action: Annotated[str, _msgspec.Meta(max_length=32)] | _msgspec.UnsetType = _msgspec.UNSET
+        request_id: _IdStr | None = None
+
+    _decode_plain = _msgspec.json.Decoder(_PlainEvent).decode
+    _TYPED_ERRORS: tuple[type[BaseException], ...] = (_msgspec.DecodeError, TypeError)
+    _ACTION_CODE: dict[Any, int] = {**ACTIONS, _msgspec.UNSET: 0}  # 0: absent (the default by kind)
+    _F_TYPE, _F_USER, _F_ITEM, _F_TS, _F_CAT, _F_ACTION, _F_RID = (operator.attrgetter(f) for f in (
+        "type", "user_id", "item_id", "ts", "category_id", "action", "request_id"))
+
+
+def _typed_ids(vals: list[Any]) -> list[tuple[str, int, type]]:
+    """(string form, hash, type) of ids that ``_PlainEvent`` admitted (str or int, valid; None: absent)."""
+    got = list(map(_ID_CACHE.get, vals))
+    if None in got:
+        for i in [i for i, g in enumerate(got) if g is None]:
+            got[i] = _id(vals[i], "id", False) or _EMPTY_CAT  # cannot raise: the type checked it
+    return got  # type: ignore[return-value]
+
+
+def _typed_batch(records: Sequence[RawRecord]) -> DecodedBatch | None:
+    """Decode and validate a whole batch of plain events with msgspec, one C call per record and
+    C-level maps per column; None (use the other paths) when any record is anything else.
+
+    Per record, so no batch-level framing argument is needed (contrast :func:`_parse_flat_group`).
+    The decode tests compare it with the one-record json reference over hostile and arbitrary
+    records, and assert it is taken for the benchmark stream.
+    """
+    n = len(records)
+    values = list(map(_VALUE, records))
+    try:
+        if max(map(len, values)) > MAX_EVENT_BYTES:  # also TypeError on a null value
+            return None
+        objs = list(map(_decode_plain, values))
+    except _TYPED_ERRORS:
+        return None
+    kind = np.fromiter(map(EVENT_TYPES.__getitem__, map(_F_TYPE, objs)), np.uint8, n)
+    cats = list(map(_F_CAT, objs))
+    rids = list(map(_F_RID, objs))
+    if kind.any():  # impressions need a category; impressions and clicks a request id
+        if None in cats and None in [cats[i] for i in np.flatnonzero(kind == IMPRESSION).tolist()]:
+            return None
+        if None in rids and None in [rids[i] for i in np.flatnonzero(kind).tolist()]:
+            return None
+    action = np.fromiter(map(_ACTION_CODE.get, map(_F_ACTION, objs), repeat(ACTIONS["other"])), np.uint8, n)
+    absent = action == 0
+    if absent.any():
+        action[absent] = np.where(kind[absent] == CLICK, ACTIONS["click"], ACTIONS["view"])
+    ue = _typed_ids(list(map(_F_USER, objs)))
+    ie = _typed_ids(list(map(_F_ITEM, objs)))
+    ce = _typed_ids(cats)
+    return DecodedBatch(
+        kind=kind,
+        user=np.fromiter(map(_HASH, ue), np.int64, n),
+        item=np.fromiter(map(_HASH, ie), np.int64, n),
+        category=np.fromiter(map(_HASH, ce), np.int64, n),
+        action=action,
+        ts=np.fromiter(map(_F_TS, objs), np.int64, n),
+        request_id=rids,
+        user_raw=list(map(_RAW, ue)),
+        item_raw=list(map(_RAW, ie)),
+        cat_raw=list(map(_RAW, ce)),
+        partition=np.fromiter(map(_PARTITION, records), np.int32, n),
+        offset=np.fromiter(map(_OFFSET, records), np.int64, n),
+        context=[None] * n,
+    )
+
+
 def decode_batch(records: Sequence[RawRecord]) -> tuple[DecodedBatch, list[DeadLetter]]:
     """Decode and validate a batch. Never raises on bad data: bad records become DeadLetters.
 
-    The JSON of a whole batch is parsed by one ``json.loads`` when every record is a flat object
-    (the common case; see :func:`_parse_flat_group` for why that is exactly the per-record
-    result), else in groups and one by one. Validation runs column-wise over the whole batch when
-    every record is a plain valid event (:func:`_columnar`), else row by row: a short path for the
-    common shape (:func:`_fast`) and the full one, which words the DLQ reason, for the rest.
+    When every record is a plain valid event, msgspec (when installed) parses and validates them
+    in C (:func:`_typed_batch`). Otherwise the JSON of a whole batch is parsed by one ``json.loads``
+    when every record is a flat object (see :func:`_parse_flat_group` for why that is exactly the
+    per-record result), else in groups and one by one. Validation then runs column-wise over the
+    whole batch when every record is a plain valid event (:func:`_columnar`), else row by row: a
+    short path for the common shape (:func:`_fast`) and the full one, which words the DLQ reason,
+    for the rest.
     """
+    if records and _msgspec is not None:
+        typed = _typed_batch(records)
+        if typed is not None:
+            return typed, []
     objs = _parse_all([r.value for r in records]) if records else []
     if objs:
         fast = _columnar(records, objs)

@@ -180,3 +180,59 @@ def test_batch_parse_is_the_same_with_and_without_orjson(seed, n_good, n_bad):
         assert parse() == with_orjson
     finally:
         ev._orjson = saved
+
+
+# ---- the optional msgspec path (pipeline.events._typed_batch) gives the reference's result --------
+
+def _without_msgspec(fn):
+    from pipeline import events as ev
+
+    saved, ev._msgspec = ev._msgspec, None
+    try:
+        return fn()
+    finally:
+        ev._msgspec = saved
+
+
+@pytest.mark.parametrize("value", [
+    {"user": 2**63 - 1}, {"user": 2**63}, {"user": -2**63}, {"user": -2**63 - 1}, {"item": 10**30},
+    {"category_id": None}, {"request_id": None}, {"request_id": ""}, {"request_id": "r" * 300},
+    {"request_id": "é-ünïcode"}, {"user": "é" * 256}, {"user": "é" * 257}, {"action": "x" * 32},
+    {"action": "x" * 33}, {"action": "weird"}, {"ts": 1_767_225_600_000.0}, {"user": "\x00"},
+    {"kind": "impression", "request_id": "r", "category_id": None},
+    {"kind": "click", "request_id": "r"}, {"kind": "click", "request_id": ""},
+])
+def test_typed_path_edge_values_decode_like_the_reference(value):
+    recs = [rec(enc(event()), 0), rec(enc(event(**value)), 1), rec(enc(event(user="u2")), 2)]
+    assert batch_decode(recs) == reference_decode(recs)
+    assert _without_msgspec(lambda: batch_decode(recs)) == batch_decode(recs)
+
+
+def test_typed_path_duplicate_keys_last_wins_like_json():
+    v = b'{"type":"behavior","user_id":"a","item_id":1,"ts":1767225600000,"user_id":5,"ts":1767225600001}'
+    recs = [rec(v, 0), rec(enc(event()), 1)]
+    assert batch_decode(recs) == reference_decode(recs)
+    b, _ = decode_batch(recs)
+    assert b.user_raw[0] == "5" and b.ts.tolist()[0] == 1767225600001
+
+
+def test_plain_stream_takes_the_typed_path(monkeypatch):
+    """The benchmark's stream shape (all plain events) never reaches the generic parse."""
+    from pipeline import events as ev
+
+    if ev._msgspec is None:
+        pytest.skip("msgspec not installed")
+    recs = [rec(enc(event("impression", user=i, request_id=f"r{i}")), i) for i in range(50)]
+    recs += [rec(enc(event(user=f"u{i}", action="buy", category_id=i)), 50 + i) for i in range(50)]
+    expect = reference_decode(recs)
+    monkeypatch.setattr(ev, "_parse_all", lambda values: pytest.fail("generic parse used"))
+    assert batch_decode(recs) == expect
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10**6), n_good=st.integers(1, 200), n_bad=st.integers(0, 5))
+def test_batch_decode_is_the_same_with_and_without_msgspec(seed, n_good, n_bad):
+    from tests.pipeline.hostile import hostile_records
+
+    recs = [rec(v, i) for i, (_, v, _) in enumerate(hostile_records(seed, n_good, n_bad))]
+    assert batch_decode(recs) == _without_msgspec(lambda: batch_decode(recs)) == reference_decode(recs)
