@@ -32,6 +32,7 @@ __all__ = [
     "decode_batch",
     "encode_event",
     "hash_id",
+    "id_str",
 ]
 
 #: Behavior kinds, as stored (uint8). 0 is reserved for padding in model inputs.
@@ -112,15 +113,34 @@ class DecodedBatch:
     action: np.ndarray  # (n,) uint8: ACTIONS
     ts: np.ndarray  # (n,) int64 ms
     request_id: list[str | None]  # (n,)
-    user_raw: list[str]  # (n,) original user id as a string (for samples)
-    item_raw: list[str]  # (n,) original item id
-    cat_raw: list[str]  # (n,) original category id ("" when absent)
+    user_id: list[str | int]  # (n,) original user id as decoded (its string form: id_str)
+    item_id: list[str | int]  # (n,) original item id
+    category_id: list[str | int | None]  # (n,) original category id, None or "" when absent
     partition: np.ndarray  # (n,) int32 source partition
     offset: np.ndarray  # (n,) int64 source offset
     context: list[dict[str, Any] | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.kind.shape[0])
+
+    # The string forms (what samples carry), for the whole batch; the worker takes them per row
+    # with id_str, only for the rows that need them (impressions).
+    @property
+    def user_raw(self) -> list[str]:
+        return list(map(id_str, self.user_id))
+
+    @property
+    def item_raw(self) -> list[str]:
+        return list(map(id_str, self.item_id))
+
+    @property
+    def cat_raw(self) -> list[str]:
+        return list(map(id_str, self.category_id))
+
+
+def id_str(v: str | int | None) -> str:
+    """The string form of a decoded id (what it is hashed from); "" for an absent one."""
+    return v if v.__class__ is str else "" if v is None else str(v)  # type: ignore[return-value]
 
 
 class _Invalid(ValueError):
@@ -477,9 +497,9 @@ def _columnar(records: Sequence[RawRecord], objs: list[Any]) -> DecodedBatch | N
         action=action,
         ts=ts,
         request_id=rids,
-        user_raw=list(map(_RAW, ue)),
-        item_raw=list(map(_RAW, ie)),
-        cat_raw=list(map(_RAW, ce)),
+        user_id=list(map(_RAW, ue)),
+        item_id=list(map(_RAW, ie)),
+        category_id=list(map(_RAW, ce)),
         partition=np.fromiter(map(_PARTITION, records), np.int32, n),
         offset=np.fromiter(map(_OFFSET, records), np.int64, n),
         context=[None] * n,
@@ -516,13 +536,25 @@ if _msgspec is not None:
         "type", "user_id", "item_id", "ts", "category_id", "action", "request_id"))
 
 
-def _typed_ids(vals: list[Any]) -> list[tuple[str, int, type]]:
-    """(string form, hash, type) of ids that ``_PlainEvent`` admitted (str or int, valid; None: absent)."""
-    got = list(map(_ID_CACHE.get, vals))
-    if None in got:
-        for i in [i for i, g in enumerate(got) if g is None]:
-            got[i] = _id(vals[i], "id", False) or _EMPTY_CAT  # cannot raise: the type checked it
-    return got  # type: ignore[return-value]
+#: Id -> 63-bit hash, for the typed path, whose ids are exactly str or int (no bool or float that
+#: would alias an int key), so a hit needs no type check; None (an absent category) hashes to 0.
+#: Cleared when full, like _ID_CACHE.
+_HASH_CACHE: dict[str | int | None, int] = {None: 0}
+
+
+def _typed_hashes(vals: list[Any]) -> np.ndarray:
+    """(n,) int64 hashes of ids that ``_PlainEvent`` admitted: one C-level map when all are cached."""
+    n = len(vals)
+    try:
+        return np.fromiter(map(_HASH_CACHE.__getitem__, vals), np.int64, n)
+    except KeyError:
+        pass
+    if len(_HASH_CACHE) + n > ID_CACHE_MAX:
+        _HASH_CACHE.clear()
+        _HASH_CACHE[None] = 0
+    for v in set(vals).difference(_HASH_CACHE):
+        _HASH_CACHE[v] = xxhash.xxh3_64_intdigest(id_str(v).encode()) & _MASK63
+    return np.fromiter(map(_HASH_CACHE.__getitem__, vals), np.int64, n)
 
 
 def _typed_batch(records: Sequence[RawRecord]) -> DecodedBatch | None:
@@ -553,20 +585,19 @@ def _typed_batch(records: Sequence[RawRecord]) -> DecodedBatch | None:
     absent = action == 0
     if absent.any():
         action[absent] = np.where(kind[absent] == CLICK, ACTIONS["click"], ACTIONS["view"])
-    ue = _typed_ids(list(map(_F_USER, objs)))
-    ie = _typed_ids(list(map(_F_ITEM, objs)))
-    ce = _typed_ids(cats)
+    users = list(map(_F_USER, objs))
+    items = list(map(_F_ITEM, objs))
     return DecodedBatch(
         kind=kind,
-        user=np.fromiter(map(_HASH, ue), np.int64, n),
-        item=np.fromiter(map(_HASH, ie), np.int64, n),
-        category=np.fromiter(map(_HASH, ce), np.int64, n),
+        user=_typed_hashes(users),
+        item=_typed_hashes(items),
+        category=_typed_hashes(cats),
         action=action,
         ts=np.fromiter(map(_F_TS, objs), np.int64, n),
         request_id=rids,
-        user_raw=list(map(_RAW, ue)),
-        item_raw=list(map(_RAW, ie)),
-        cat_raw=list(map(_RAW, ce)),
+        user_id=users,
+        item_id=items,
+        category_id=cats,
         partition=np.fromiter(map(_PARTITION, records), np.int32, n),
         offset=np.fromiter(map(_OFFSET, records), np.int64, n),
         context=[None] * n,
@@ -624,9 +655,9 @@ def decode_batch(records: Sequence[RawRecord]) -> tuple[DecodedBatch, list[DeadL
         action=np.fromiter(actions, np.uint8, len(actions)),
         ts=np.fromiter(tss, np.int64, len(tss)),
         request_id=list(rids),
-        user_raw=[u[0] for u in users],
-        item_raw=[i[0] for i in items],
-        cat_raw=[c[0] for c in cats],
+        user_id=[u[0] for u in users],
+        item_id=[i[0] for i in items],
+        category_id=[c[0] for c in cats],
         partition=np.fromiter(parts, np.int32, len(parts)),
         offset=np.fromiter(offs, np.int64, len(offs)),
         context=list(ctxs),

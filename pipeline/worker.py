@@ -67,7 +67,7 @@ import numpy as np
 
 from pipeline.checkpoint import Checkpoint, CommitPolicy
 from pipeline.config import WorkerSettings
-from pipeline.events import ACTIONS, BEHAVIOR, CLICK, IMPRESSION, RawRecord, decode_batch
+from pipeline.events import ACTIONS, BEHAVIOR, CLICK, IMPRESSION, RawRecord, decode_batch, id_str
 from pipeline.exceptions import OffsetRegressionError
 from pipeline.kafka import ConsumerAdapter, ProducerAdapter, TopicPartitionT, make_consumer, make_producer
 from pipeline.state import SequenceStore, StateDelta, open_store
@@ -155,6 +155,13 @@ class _PartitionState:
     orphans: dict[tuple[str, int], int] = field(default_factory=dict)  # click ts
     heap: list[tuple[int, str, int]] = field(default_factory=list)  # (ts, request_id, item) of pending
     orphan_heap: list[tuple[int, str, int]] = field(default_factory=list)  # (click ts, ...) lazy
+    # Pending impressions and orphan clicks reach the store at commit (StreamWorker._stage_pending),
+    # not per event: the keys changed since the last commit, and the keys the store holds. Most
+    # impressions are labeled within the checkpoint that saw them: they are never encoded or written.
+    touched: set[tuple[str, int]] = field(default_factory=set)
+    touched_orphans: set[tuple[str, int]] = field(default_factory=set)
+    stored: set[tuple[str, int]] = field(default_factory=set)
+    stored_orphans: set[tuple[str, int]] = field(default_factory=set)
 
 
 class StreamWorker:
@@ -216,10 +223,12 @@ class StreamWorker:
                 if kind == b"I":
                     p = _Pending.decode(v)
                     st.pending[key] = p
+                    st.stored.add(key)
                     st.heap.append((p.ts, key[0], key[1]))
                 else:
                     cts = _WM.unpack(v)[0]
                     st.orphans[key] = cts
+                    st.stored_orphans.add(key)
                     st.orphan_heap.append((cts, key[0], key[1]))
             heapq.heapify(st.heap)
             heapq.heapify(st.orphan_heap)
@@ -240,6 +249,7 @@ class StreamWorker:
         """Commit the open checkpoint now (flush, then one atomic store commit, then the broker's
         offsets). False when the commit was fenced: ``fenced`` is set, the caller re-assigns."""
         cp = self.checkpoint
+        self._stage_pending(cp.delta)
         if cp.empty:
             return True
         try:
@@ -259,6 +269,35 @@ class StreamWorker:
         if len(self._lengths) > LENGTH_CACHE_MAX:
             self._lengths.clear()  # only here: between commits the cache holds uncommitted appends
         return True
+
+    def _stage_pending(self, delta: StateDelta) -> None:
+        """Write the pending impressions and orphan clicks changed since the last commit into the
+        checkpoint: a put of the current value, or a delete of a key the store holds. (A failed
+        commit discards every partition's state, ``stored`` included, so staging early is safe.)"""
+        put, dele, pkey = delta.pending_put, delta.pending_del, self._pkey
+        for tp, st in self._parts.items():
+            if st.touched:
+                pending, stored = st.pending, st.stored
+                for key in st.touched:
+                    p = pending.get(key)
+                    if p is not None:
+                        put[pkey(tp, b"I", *key)] = p.encode()
+                        stored.add(key)
+                    elif key in stored:
+                        dele.add(pkey(tp, b"I", *key))
+                        stored.discard(key)
+                st.touched.clear()
+            if st.touched_orphans:
+                orphans, stored = st.orphans, st.stored_orphans
+                for key in st.touched_orphans:
+                    cts = orphans.get(key)
+                    if cts is not None:
+                        put[pkey(tp, b"C", *key)] = _WM.pack(cts)
+                        stored.add(key)
+                    elif key in stored:
+                        dele.add(pkey(tp, b"C", *key))
+                        stored.discard(key)
+                st.touched_orphans.clear()
 
     def commit_if_due(self) -> bool:
         """Commit when the policy says so (``commit_max_events`` or ``commit_interval_ms``)."""
@@ -309,7 +348,7 @@ class StreamWorker:
         batch, dead = decode_batch(records)
         s.dead_letters += len(dead)
         delta = cp.delta
-        emitted = self._apply(batch, topic, {tp[1] for tp in owned}, delta)
+        emitted = self._apply(batch, topic, {tp[1] for tp in owned})
         for tp in owned:
             cp.advance(tp, last[tp] + 1, self._stored_offsets.get(tp))
             delta.meta[self._wm_key(tp)] = _WM.pack(self._parts[tp].watermark)
@@ -333,10 +372,10 @@ class StreamWorker:
                 del last[tp]
         return keep
 
-    def _apply(self, batch, topic: str, owned_parts: set[int], delta: StateDelta) -> int:  # type: ignore[no-untyped-def]
+    def _apply(self, batch, topic: str, owned_parts: set[int]) -> int:  # type: ignore[no-untyped-def]
         n = len(batch)
         if n == 0 or not owned_parts:
-            return self._advance_all(delta, {}, topic)
+            return self._advance_all({}, topic)
         kind, user, ts, part = batch.kind, batch.user, batch.ts, batch.partition
         if len(owned_parts) == 1:
             (p0,) = owned_parts
@@ -344,7 +383,7 @@ class StreamWorker:
         else:
             idx = np.flatnonzero(np.isin(part, list(owned_parts)))
         if len(idx) == 0:
-            return self._advance_all(delta, {}, topic)
+            return self._advance_all({}, topic)
         k = kind[idx]
         s = self.stats
         is_imp = k == IMPRESSION
@@ -398,19 +437,17 @@ class StreamWorker:
                 wm_before[sel] = np.where(pos > 0, run_wm[np.maximum(pos - 1, 0)], st.watermark)
         emitted = 0
         if len(ic):
-            emitted += self._joins(batch, topic, ic, wm_before, seq_pos or [0] * len(ic), delta)
-        return emitted + self._advance_all(delta, final_wm, topic)
+            emitted += self._joins(batch, topic, ic, wm_before, seq_pos or [0] * len(ic))
+        return emitted + self._advance_all(final_wm, topic)
 
     def _joins(self, batch, topic: str, ic: np.ndarray, wm_before: np.ndarray,  # type: ignore[no-untyped-def]
-               seq_pos: list[int], delta: StateDelta) -> int:
+               seq_pos: list[int]) -> int:
         """Impressions and clicks, one by one in arrival order (the joins need it)."""
         s = self.stats
         w = self.s.attribution_window_ms
         lateness = self.s.allowed_lateness_ms
         emitted = 0
-        put, dele = delta.pending_put, delta.pending_del
-        rid_l, uraw_l, iraw_l, craw_l = batch.request_id, batch.user_raw, batch.item_raw, batch.cat_raw
-        pkey = self._pkey
+        rid_l, uid_l, iid_l, cid_l = batch.request_id, batch.user_id, batch.item_id, batch.category_id
         for r, kd, u, it, ct, t, p, wm, sp in zip(
                 ic.tolist(), batch.kind[ic].tolist(), batch.user[ic].tolist(), batch.item[ic].tolist(),
                 batch.category[ic].tolist(), batch.ts[ic].tolist(), batch.partition[ic].tolist(),
@@ -424,7 +461,7 @@ class StreamWorker:
             # (as with a batch cut right after it), never later
             limit = st.watermark - lateness - w
             if (st.heap and st.heap[0][0] < limit) or (st.orphan_heap and st.orphan_heap[0][0] < limit):
-                emitted += self._emit_ready(delta, tp, st)
+                emitted += self._emit_ready(st)
             rid = rid_l[r]
             key = (rid, it)
             if kd == CLICK:
@@ -432,57 +469,56 @@ class StreamWorker:
                 if s_ is not None:
                     if 0 <= t - s_.ts <= w and not s_.clicked:
                         s_.clicked = True
-                        put[pkey(tp, b"I", rid, it)] = s_.encode()
+                        st.touched.add(key)
                 else:
                     # impression not seen yet (out of order), or already labeled (late click)
                     st.orphans[key] = t
                     heapq.heappush(st.orphan_heap, (t, rid, it))
-                    put[pkey(tp, b"C", rid, it)] = _WM.pack(t)
+                    st.touched_orphans.add(key)
                 continue
             if key in st.pending:
                 s.duplicate_impressions += 1
                 continue
-            pend = _Pending(u, uraw_l[r], it, iraw_l[r], ct, craw_l[r], t, sp, rid)
+            pend = _Pending(u, id_str(uid_l[r]), it, id_str(iid_l[r]), ct, id_str(cid_l[r]), t, sp, rid)
             cts = st.orphans.pop(key, None)
             if cts is not None:
-                ck = pkey(tp, b"C", rid, it)
-                put.pop(ck, None)
-                dele.add(ck)
+                st.touched_orphans.add(key)
                 if 0 <= cts - t <= w:
                     pend.clicked = True
             st.pending[key] = pend
             heapq.heappush(st.heap, (t, rid, it))
-            put[pkey(tp, b"I", rid, it)] = pend.encode()
+            st.touched.add(key)
         return emitted
 
-    def _advance_all(self, delta: StateDelta, final_wm: dict[int, int], topic: str) -> int:
+    def _advance_all(self, final_wm: dict[int, int], topic: str) -> int:
         n = 0
         for tp, st in self._parts.items():
             wm = final_wm.get(tp[1]) if tp[0] == topic else None
             if wm is not None and wm > st.watermark:
                 st.watermark = wm
-            n += self._emit_ready(delta, tp, st)
+            n += self._emit_ready(st)
         return n
 
-    def _emit_ready(self, delta: StateDelta, tp: TopicPartitionT, st: _PartitionState, drain: bool = False) -> int:
+    def _emit_ready(self, st: _PartitionState, drain: bool = False) -> int:
         """Label pending impressions whose window closed under the partition's watermark."""
         n = 0
         w = self.s.attribution_window_ms
         limit = st.watermark - self.s.allowed_lateness_ms
-        heap, pending, put, dele, pkey = st.heap, st.pending, delta.pending_put, delta.pending_del, self._pkey
+        heap, pending, touched = st.heap, st.pending, st.touched
         send, topic = self.producer.send, self.s.samples_topic
+        positives = 0
         while heap and (drain or heap[0][0] + w < limit):
             _, rid, item = heapq.heappop(heap)
-            p = pending.pop((rid, item), None)
+            key = (rid, item)
+            p = pending.pop(key, None)
             if p is None:
                 continue
             send(topic, p.user_raw.encode(), sample_json(p))
             n += 1
-            self.stats.positives += p.clicked
-            k = pkey(tp, b"I", rid, item)
-            put.pop(k, None)
-            dele.add(k)
+            positives += p.clicked
+            touched.add(key)
         self.stats.samples += n
+        self.stats.positives += positives
         # orphan clicks whose window closed can no longer label anything
         while st.orphan_heap and (drain or st.orphan_heap[0][0] + w < limit):
             cts, rid, item = heapq.heappop(st.orphan_heap)
@@ -490,15 +526,12 @@ class StreamWorker:
                 continue  # claimed by an impression, or superseded by a later click
             del st.orphans[(rid, item)]
             self.stats.unmatched_clicks += 1
-            k = self._pkey(tp, b"C", rid, item)
-            delta.pending_put.pop(k, None)
-            delta.pending_del.add(k)
+            st.touched_orphans.add((rid, item))
         return n
 
     def drain(self) -> int:
         """Label every pending impression now (end of a bounded replay) and commit."""
-        delta = self.checkpoint.delta
-        n = sum(self._emit_ready(delta, tp, st, drain=True) for tp, st in self._parts.items())
+        n = sum(self._emit_ready(st, drain=True) for st in self._parts.values())
         self.commit()
         return n
 

@@ -187,3 +187,31 @@ def test_a_crash_inside_a_checkpoint_replays_to_the_uninterrupted_state(seed, cr
     ref.commit()
     emitted = {v for t, _, v in a.producer.sent + b.producer.sent if t == "samples"}
     assert emitted == {v for t, _, v in ref.producer.sent if t == "samples"}
+
+
+def test_pending_edits_are_staged_at_commit_only_for_what_outlives_the_checkpoint():
+    """Pending impressions and orphan clicks reach the store at commit: one labeled inside the
+    checkpoint that saw it is never written (nor deleted); one still pending is written once, with
+    its latest value; one the store holds is deleted when it is labeled in a later checkpoint."""
+    w = worker()
+    deltas = []
+    orig_commit = w.store.commit
+    w.store.commit = lambda d: (deltas.append((set(d.pending_put), set(d.pending_del))), orig_commit(d))
+    hour = 60 * 60_000
+    w.process(records([event("impression", ts=T0, request_id="a"),  # labeled in this checkpoint
+                       event("click", ts=T0 + 1000, request_id="a"),
+                       event("click", ts=T0 + 2000, request_id="orphan"),  # expires in this checkpoint
+                       event("behavior", ts=T0 + hour),  # the watermark passes both windows
+                       event("impression", ts=T0 + hour, request_id="b"),  # still pending at commit
+                       event("click", ts=T0 + hour + 1000, request_id="b")]))
+    w.commit()
+    (put, dele), = deltas
+    assert not dele and len(put) == 1 and b"b\x00" in next(iter(put))  # only "b", clicked
+    assert [s["label"] for s in w.producer.samples()] == [1]
+    pending = dict(w.store.pending_items())
+    assert len(pending) == 1 and b"true" in next(iter(pending.values()))
+    w.process(records([event("behavior", ts=T0 + 2 * hour)], start=6))  # labels "b"
+    w.commit()
+    assert deltas[1] == (set(), put)  # the stored key is deleted, nothing else touched
+    assert not dict(w.store.pending_items()) and [s["label"] for s in w.producer.samples()] == [1, 1]
+    assert w.stats.unmatched_clicks == 1
