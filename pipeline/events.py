@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Annotated, Any, Literal, NamedTuple
@@ -29,6 +29,7 @@ __all__ = [
     "DeadLetter",
     "DecodedBatch",
     "RawRecord",
+    "RecordBatch",
     "decode_batch",
     "encode_event",
     "hash_id",
@@ -81,6 +82,62 @@ class RawRecord(NamedTuple):
     value: bytes | None
 
 
+class RecordBatch:
+    """One poll batch of one topic, as columns: what the adapters hand the worker.
+
+    The consumer adapters fill it with a few C-level maps over the client's messages, with no Python
+    object per record; keys are fetched only when asked for (dead letters carry them).
+    :meth:`from_records` and :meth:`records` convert from and to :class:`RawRecord` lists.
+    """
+
+    __slots__ = ("topic", "partition", "offset", "value", "_key")
+
+    def __init__(self, topic: str, partition: np.ndarray, offset: np.ndarray, value: list[bytes | None],
+                 key: list[bytes | None] | Callable[[], list[bytes | None]]) -> None:
+        self.topic = topic
+        self.partition = partition  # (n,) int64
+        self.offset = offset  # (n,) int64
+        self.value = value  # (n,)
+        self._key = key  # (n,), or a function that returns them
+
+    def __len__(self) -> int:
+        return len(self.value)
+
+    @property
+    def key(self) -> list[bytes | None]:
+        if callable(self._key):
+            self._key = self._key()
+        return self._key
+
+    @classmethod
+    def from_records(cls, records: Sequence[RawRecord]) -> RecordBatch:
+        """Columns of ``records``, which must all come from one topic (ValueError otherwise)."""
+        topics = {r.topic for r in records}
+        if len(topics) > 1:
+            raise ValueError(f"a record batch must come from one topic, got {sorted(topics)}")
+        n = len(records)
+        return cls(topics.pop() if topics else "", np.fromiter(map(_R_PARTITION, records), np.int64, n),
+                   np.fromiter(map(_R_OFFSET, records), np.int64, n), list(map(_R_VALUE, records)),
+                   list(map(_R_KEY, records)))
+
+    def take(self, rows: np.ndarray) -> RecordBatch:
+        """The records at ``rows`` (int indices, in order)."""
+        idx = rows.tolist()
+        key = self._key
+        return RecordBatch(self.topic, self.partition[rows], self.offset[rows], list(map(self.value.__getitem__, idx)),
+                           lambda: list(map((key() if callable(key) else key).__getitem__, idx)))
+
+    def record(self, i: int) -> RawRecord:
+        return RawRecord(self.topic, int(self.partition[i]), int(self.offset[i]), self.key[i], self.value[i])
+
+    def records(self) -> list[RawRecord]:
+        return list(map(RawRecord, repeat(self.topic), self.partition.tolist(), self.offset.tolist(), self.key,
+                        self.value))
+
+
+_R_PARTITION, _R_OFFSET, _R_KEY, _R_VALUE = (operator.itemgetter(i) for i in range(1, 5))  # RawRecord fields
+
+
 @dataclass(frozen=True)
 class DeadLetter:
     """A rejected record: original bytes, source position and the reason, for ``events.dlq``."""
@@ -116,7 +173,7 @@ class DecodedBatch:
     user_id: list[str | int]  # (n,) original user id as decoded (its string form: id_str)
     item_id: list[str | int]  # (n,) original item id
     category_id: list[str | int | None]  # (n,) original category id, None or "" when absent
-    partition: np.ndarray  # (n,) int32 source partition
+    partition: np.ndarray  # (n,) int64 source partition
     offset: np.ndarray  # (n,) int64 source offset
     context: list[dict[str, Any] | None] = field(default_factory=list)
 
@@ -417,7 +474,7 @@ def _fast(obj: Any) -> tuple[Any, ...]:
 
 _REQUIRED = tuple(map(operator.itemgetter, ("type", "user_id", "item_id", "ts")))
 _RAW, _HASH = operator.itemgetter(0), operator.itemgetter(1)
-_PARTITION, _OFFSET, _VALUE = (operator.itemgetter(i) for i in (1, 2, 4))  # RawRecord fields
+_PARTITION, _OFFSET = operator.itemgetter(1), operator.itemgetter(2)  # RawRecord fields
 _ACTION_OR_NONE: dict[Any, int] = {**ACTIONS, None: 0}
 _DICT = {dict}
 _ID_TYPES = frozenset({int, str})
@@ -500,7 +557,7 @@ def _columnar(records: Sequence[RawRecord], objs: list[Any]) -> DecodedBatch | N
         user_id=list(map(_RAW, ue)),
         item_id=list(map(_RAW, ie)),
         category_id=list(map(_RAW, ce)),
-        partition=np.fromiter(map(_PARTITION, records), np.int32, n),
+        partition=np.fromiter(map(_PARTITION, records), np.int64, n),
         offset=np.fromiter(map(_OFFSET, records), np.int64, n),
         context=[None] * n,
     )
@@ -557,7 +614,7 @@ def _typed_hashes(vals: list[Any]) -> np.ndarray:
     return np.fromiter(map(_HASH_CACHE.__getitem__, vals), np.int64, n)
 
 
-def _typed_batch(records: Sequence[RawRecord]) -> DecodedBatch | None:
+def _typed_batch(values: list[bytes | None], partition: np.ndarray, offset: np.ndarray) -> DecodedBatch | None:
     """Decode and validate a whole batch of plain events with msgspec, one C call per record and
     C-level maps per column; None (use the other paths) when any record is anything else.
 
@@ -565,12 +622,11 @@ def _typed_batch(records: Sequence[RawRecord]) -> DecodedBatch | None:
     The decode tests compare it with the one-record json reference over hostile and arbitrary
     records, and assert it is taken for the benchmark stream.
     """
-    n = len(records)
-    values = list(map(_VALUE, records))
+    n = len(values)
     try:
-        if max(map(len, values)) > MAX_EVENT_BYTES:  # also TypeError on a null value
+        if max(map(len, values)) > MAX_EVENT_BYTES:  # type: ignore[arg-type]  # also TypeError on a null value
             return None
-        objs = list(map(_decode_plain, values))
+        objs = list(map(_decode_plain, values))  # type: ignore[arg-type]  # no null value here
     except _TYPED_ERRORS:
         return None
     kind = np.fromiter(map(EVENT_TYPES.__getitem__, map(_F_TYPE, objs)), np.uint8, n)
@@ -598,13 +654,13 @@ def _typed_batch(records: Sequence[RawRecord]) -> DecodedBatch | None:
         user_id=users,
         item_id=items,
         category_id=cats,
-        partition=np.fromiter(map(_PARTITION, records), np.int32, n),
-        offset=np.fromiter(map(_OFFSET, records), np.int64, n),
+        partition=partition,
+        offset=offset,
         context=[None] * n,
     )
 
 
-def decode_batch(records: Sequence[RawRecord]) -> tuple[DecodedBatch, list[DeadLetter]]:
+def decode_batch(records: Sequence[RawRecord] | RecordBatch) -> tuple[DecodedBatch, list[DeadLetter]]:
     """Decode and validate a batch. Never raises on bad data: bad records become DeadLetters.
 
     When every record is a plain valid event, msgspec (when installed) parses and validates them
@@ -615,8 +671,16 @@ def decode_batch(records: Sequence[RawRecord]) -> tuple[DecodedBatch, list[DeadL
     short path for the common shape (:func:`_fast`) and the full one, which words the DLQ reason,
     for the rest.
     """
-    if records and _msgspec is not None:
-        typed = _typed_batch(records)
+    if isinstance(records, RecordBatch):
+        if records and _msgspec is not None:
+            typed = _typed_batch(records.value, records.partition, records.offset)
+            if typed is not None:
+                return typed, []
+        records = records.records()
+    elif records and _msgspec is not None:
+        n = len(records)
+        typed = _typed_batch(list(map(_R_VALUE, records)), np.fromiter(map(_PARTITION, records), np.int64, n),
+                             np.fromiter(map(_OFFSET, records), np.int64, n))
         if typed is not None:
             return typed, []
     objs = _parse_all([r.value for r in records]) if records else []
@@ -658,7 +722,7 @@ def decode_batch(records: Sequence[RawRecord]) -> tuple[DecodedBatch, list[DeadL
         user_id=[u[0] for u in users],
         item_id=[i[0] for i in items],
         category_id=[c[0] for c in cats],
-        partition=np.fromiter(parts, np.int32, len(parts)),
+        partition=np.fromiter(parts, np.int64, len(parts)),
         offset=np.fromiter(offs, np.int64, len(offs)),
         context=list(ctxs),
     )

@@ -13,7 +13,9 @@ from collections.abc import Callable, Iterable
 from itertools import repeat
 from typing import Protocol
 
-from pipeline.events import RawRecord
+import numpy as np
+
+from pipeline.events import RawRecord, RecordBatch
 from pipeline.exceptions import BrokerError
 
 __all__ = ["ConsumerAdapter", "ProducerAdapter", "make_assigned_consumer", "make_consumer", "make_producer",
@@ -46,6 +48,7 @@ CHECK_CRCS = _c_crc32c_available() or os.environ.get("CTRSTREAM_CHECK_CRCS", "")
 
 class ConsumerAdapter(Protocol):
     def poll_batch(self, max_records: int, timeout_ms: int) -> list[RawRecord]: ...
+    def poll_columns(self, max_records: int, timeout_ms: int) -> RecordBatch: ...
     def seek(self, tp: TopicPartitionT, offset: int) -> None: ...
     def assignment(self) -> list[TopicPartitionT]: ...
     def commit(self, offsets: dict[TopicPartitionT, int]) -> None: ...
@@ -92,6 +95,25 @@ class _KafkaPythonConsumer:
             out += map(_RAW_RECORD, zip(repeat(tp.topic), repeat(tp.partition), map(_OFFSET, recs),
                                         map(_KEY, recs), map(_VALUE, recs)))
         return out
+
+    def poll_columns(self, max_records: int, timeout_ms: int) -> RecordBatch:
+        """One batch as columns (the worker's hot path); all its records must come from one topic."""
+        polled = self._c.poll(timeout_ms=timeout_ms, max_records=max_records)
+        topics = {tp.topic for tp in polled}
+        if len(topics) > 1:
+            raise ValueError(f"a record batch must come from one topic, got {sorted(topics)}")
+        values: list[bytes | None] = []
+        offsets: list[int] = []
+        parts: list[int] = []
+        recs: list[object] = []
+        for tp, rs in polled.items():
+            values += map(_VALUE, rs)
+            offsets += map(_OFFSET, rs)
+            parts += repeat(tp.partition, len(rs))
+            recs += rs
+        n = len(values)
+        return RecordBatch(topics.pop() if topics else "", np.fromiter(parts, np.int64, n),
+                           np.fromiter(offsets, np.int64, n), values, lambda: list(map(_KEY, recs)))
 
     def seek(self, tp: TopicPartitionT, offset: int) -> None:
         from kafka import TopicPartition

@@ -55,7 +55,6 @@ from __future__ import annotations
 import heapq
 import json
 import logging
-import operator
 import signal
 import struct
 import threading
@@ -67,7 +66,7 @@ import numpy as np
 
 from pipeline.checkpoint import Checkpoint, CommitPolicy
 from pipeline.config import WorkerSettings
-from pipeline.events import ACTIONS, BEHAVIOR, CLICK, IMPRESSION, RawRecord, decode_batch, id_str
+from pipeline.events import ACTIONS, BEHAVIOR, CLICK, IMPRESSION, RawRecord, RecordBatch, decode_batch
 from pipeline.exceptions import OffsetRegressionError
 from pipeline.kafka import ConsumerAdapter, ProducerAdapter, TopicPartitionT, make_consumer, make_producer
 from pipeline.state import SequenceStore, StateDelta, open_store
@@ -85,7 +84,6 @@ NO_ASSIGNMENT_GIVE_UP_S = 60.0
 LENGTH_CACHE_MAX = 1 << 20
 _WM = struct.Struct(">q")
 _Q = struct.Struct(">Q")
-_TOPIC, _PARTITION, _OFFSET = (operator.itemgetter(i) for i in range(3))  # RawRecord fields
 
 
 def sample_id(request_id: str, item_hash: int) -> str:
@@ -310,25 +308,21 @@ class StreamWorker:
         self._lengths.clear()
 
     # ---- the batch ----------------------------------------------------------------------------------
-    def process(self, records: list[RawRecord]) -> int:
-        """Apply one poll batch to the open checkpoint, then commit it if it is due; returns the
-        number of samples emitted."""
-        if not records:
+    def process(self, records: RecordBatch | list[RawRecord]) -> int:
+        """Apply one poll batch (of one topic) to the open checkpoint, then commit it if it is due;
+        returns the number of samples emitted."""
+        batch = records if isinstance(records, RecordBatch) else RecordBatch.from_records(records)
+        n = len(batch)
+        if not n:
             return 0
         s = self.stats
         cp = self.checkpoint
         s.batches += 1
-        s.events += len(records)
-        cp.count(len(records))
+        s.events += n
+        cp.count(n)
         # first and last offset per partition, over every record of the batch (dead ones included);
         # a poll batch holds few partitions, each in offset order
-        topics = set(map(_TOPIC, records))
-        if len(topics) > 1:
-            raise ValueError("a worker batch must come from one topic")
-        (topic,) = topics
-        n = len(records)
-        parts = np.fromiter(map(_PARTITION, records), np.int64, n)
-        offs = np.fromiter(map(_OFFSET, records), np.int64, n)
+        topic, parts, offs = batch.topic, batch.partition, batch.offset
         ps, i_first = np.unique(parts, return_index=True)
         i_last = n - 1 - np.unique(parts[::-1], return_index=True)[1]
         keys = [(topic, p) for p in ps.tolist()]
@@ -339,16 +333,16 @@ class StreamWorker:
         low = {tp: applied[tp] for tp, off in first.items()
                if tp in self._parts and tp in applied and off < applied[tp]}
         if low:
-            records = self._below_stored(records, low, last)
-            if not records:
+            batch = self._below_stored(batch, low, last)
+            if not len(batch):
                 return 0
         owned = [tp for tp in last if tp in self._parts]
         if len(owned) < len(last):
             log.debug("skipping records of partitions not owned: %s", [tp for tp in last if tp not in self._parts])
-        batch, dead = decode_batch(records)
+        decoded, dead = decode_batch(batch)
         s.dead_letters += len(dead)
         delta = cp.delta
-        emitted = self._apply(batch, topic, {tp[1] for tp in owned})
+        emitted = self._apply(decoded, topic, {tp[1] for tp in owned})
         for tp in owned:
             cp.advance(tp, last[tp] + 1, self._stored_offsets.get(tp))
             delta.meta[self._wm_key(tp)] = _WM.pack(self._parts[tp].watermark)
@@ -358,12 +352,15 @@ class StreamWorker:
             self.commit()
         return emitted
 
-    def _below_stored(self, records: list[RawRecord], low: dict[TopicPartitionT, int],
-                      last: dict[TopicPartitionT, int]) -> list[RawRecord]:
+    def _below_stored(self, batch: RecordBatch, low: dict[TopicPartitionT, int],
+                      last: dict[TopicPartitionT, int]) -> RecordBatch:
         """Drop records below the applied offset: they were applied already (or belong to a log that
         restarted, which cannot be applied meaningfully either). Never applied twice."""
-        keep = [r for r in records if not ((r.topic, r.partition) in low and r.offset < low[(r.topic, r.partition)])]
-        n = len(records) - len(keep)
+        floor = np.full(len(batch), -1, np.int64)
+        for (_, p), applied in low.items():
+            floor[batch.partition == p] = applied
+        keep = batch.take(np.flatnonzero(batch.offset >= floor))
+        n = len(batch) - len(keep)
         self.stats.skipped_below_stored += n
         log.warning("skipped %d record(s) below the stored offsets %s: the consumer was reset below them (the "
                     "log restarted or lost data?); they are not applied again", n, low)
@@ -411,7 +408,7 @@ class StreamWorker:
             acts[kind[ar] == CLICK] = _CLICK_ACTION
             self.checkpoint.add_appends(user[ar], batch.item[ar], batch.category[ar], acts, ts[ar])
         ic = idx[not_beh]
-        seq_pos: list[int] = []
+        seq_pos = np.zeros(len(ic), np.int64)
         if n_imp:
             # appends of the same user before each row of the batch: an exclusive running count
             # within each user's rows (grouped by a stable sort, so arrival order holds in a group)
@@ -421,7 +418,7 @@ class StreamWorker:
             g = inv[order]
             before = np.empty(len(idx), np.int64)
             before[order] = run - run[np.searchsorted(g, np.arange(len(ul)))][g]
-            seq_pos = (base[inv] + before)[not_beh].tolist()
+            seq_pos = (base[inv] + before)[not_beh]
         # -- per-partition watermark before each impression/click, and at the end ----------------
         final_wm: dict[int, int] = {}
         wm_before = np.empty(len(ic), dtype=np.int64)
@@ -437,57 +434,78 @@ class StreamWorker:
                 wm_before[sel] = np.where(pos > 0, run_wm[np.maximum(pos - 1, 0)], st.watermark)
         emitted = 0
         if len(ic):
-            emitted += self._joins(batch, topic, ic, wm_before, seq_pos or [0] * len(ic))
+            emitted += self._joins(batch, topic, ic, wm_before, seq_pos)
         return emitted + self._advance_all(final_wm, topic)
 
     def _joins(self, batch, topic: str, ic: np.ndarray, wm_before: np.ndarray,  # type: ignore[no-untyped-def]
-               seq_pos: list[int]) -> int:
-        """Impressions and clicks, one by one in arrival order (the joins need it)."""
-        s = self.stats
+               seq_pos: np.ndarray) -> int:
+        """Impressions and clicks in arrival order, partition by partition (partitions share no
+        state, so this is the same as applying the batch cut into one sub-batch per partition)."""
+        part_ic = batch.partition[ic]
+        ps = np.unique(part_ic).tolist()
+        if len(ps) == 1:
+            return self._join_partition(self._parts[(topic, ps[0])], batch, ic, wm_before, seq_pos)
+        emitted = 0
+        for p in ps:
+            sel = np.flatnonzero(part_ic == p)
+            emitted += self._join_partition(self._parts[(topic, p)], batch, ic[sel], wm_before[sel], seq_pos[sel])
+        return emitted
+
+    def _join_partition(self, st: _PartitionState, batch, rows: np.ndarray,  # type: ignore[no-untyped-def]
+                        wm_before: np.ndarray, seq_pos: np.ndarray) -> int:
+        """The impressions and clicks of one partition, one by one in arrival order (the joins need it)."""
         w = self.s.attribution_window_ms
         lateness = self.s.allowed_lateness_ms
-        emitted = 0
-        rid_l, uid_l, iid_l, cid_l = batch.request_id, batch.user_id, batch.item_id, batch.category_id
-        for r, kd, u, it, ct, t, p, wm, sp in zip(
-                ic.tolist(), batch.kind[ic].tolist(), batch.user[ic].tolist(), batch.item[ic].tolist(),
-                batch.category[ic].tolist(), batch.ts[ic].tolist(), batch.partition[ic].tolist(),
-                wm_before.tolist(), seq_pos, strict=True):
-            tp = (topic, p)
-            st = self._parts[tp]
-            if wm > st.watermark:
-                st.watermark = wm
+        heap, orphan_heap, pending, orphans = st.heap, st.orphan_heap, st.pending, st.orphans
+        touched, touched_orphans = st.touched, st.touched_orphans
+        idx = rows.tolist()
+        # string forms of the ids (str() of a str is itself); only impressions use them, and an
+        # impression always has a category
+        users_s = list(map(str, map(batch.user_id.__getitem__, idx)))
+        items_s = list(map(str, map(batch.item_id.__getitem__, idx)))
+        cats_s = list(map(str, map(batch.category_id.__getitem__, idx)))
+        emitted = duplicates = 0
+        wm = st.watermark
+        for kd, u, it, ct, t, wm_b, sp, rid, us, its, cs in zip(
+                batch.kind[rows].tolist(), batch.user[rows].tolist(), batch.item[rows].tolist(),
+                batch.category[rows].tolist(), batch.ts[rows].tolist(), wm_before.tolist(), seq_pos.tolist(),
+                map(batch.request_id.__getitem__, idx), users_s, items_s, cats_s, strict=True):
+            if wm_b > wm:
+                wm = wm_b
             # label what the earlier events closed, even when this event did not move the watermark:
             # an impression that arrived already past it is labeled before the next impression/click
             # (as with a batch cut right after it), never later
-            limit = st.watermark - lateness - w
-            if (st.heap and st.heap[0][0] < limit) or (st.orphan_heap and st.orphan_heap[0][0] < limit):
+            limit = wm - lateness - w
+            if (heap and heap[0][0] < limit) or (orphan_heap and orphan_heap[0][0] < limit):
+                st.watermark = wm
                 emitted += self._emit_ready(st)
-            rid = rid_l[r]
             key = (rid, it)
             if kd == CLICK:
-                s_ = st.pending.get(key)
+                s_ = pending.get(key)
                 if s_ is not None:
                     if 0 <= t - s_.ts <= w and not s_.clicked:
                         s_.clicked = True
-                        st.touched.add(key)
+                        touched.add(key)
                 else:
                     # impression not seen yet (out of order), or already labeled (late click)
-                    st.orphans[key] = t
-                    heapq.heappush(st.orphan_heap, (t, rid, it))
-                    st.touched_orphans.add(key)
+                    orphans[key] = t
+                    heapq.heappush(orphan_heap, (t, rid, it))
+                    touched_orphans.add(key)
                 continue
-            if key in st.pending:
-                s.duplicate_impressions += 1
+            if key in pending:
+                duplicates += 1
                 continue
-            pend = _Pending(u, id_str(uid_l[r]), it, id_str(iid_l[r]), ct, id_str(cid_l[r]), t, sp, rid)
-            cts = st.orphans.pop(key, None)
+            pend = _Pending(u, us, it, its, ct, cs, t, sp, rid)
+            cts = orphans.pop(key, None)
             if cts is not None:
-                st.touched_orphans.add(key)
+                touched_orphans.add(key)
                 if 0 <= cts - t <= w:
                     pend.clicked = True
-            st.pending[key] = pend
-            heapq.heappush(st.heap, (t, rid, it))
-            st.touched.add(key)
+            pending[key] = pend
+            heapq.heappush(heap, (t, rid, it))
+            touched.add(key)
+        st.watermark = wm
+        self.stats.duplicate_impressions += duplicates
         return emitted
 
     def _advance_all(self, final_wm: dict[int, int], topic: str) -> int:
@@ -572,14 +590,14 @@ def run_worker(settings: WorkerSettings, *, stop: threading.Event | None = None,
     last_data = 0.0
     try:
         while not stop.is_set():
-            records = consumer.poll_batch(settings.max_poll_records, settings.poll_timeout_ms)
+            records = consumer.poll_columns(settings.max_poll_records, settings.poll_timeout_ms)
             if not last_data and assigned_at:
                 last_data = assigned_at[0]  # idleness counts from the first partition assignment
             if pending_seeks:
                 for tp, off in pending_seeks.items():
                     consumer.seek(tp, off)
                 pending_seeks.clear()
-            if records:
+            if len(records):
                 worker.process(records)  # commits when the checkpoint is due
                 last_data = time.monotonic()
                 if on_batch:

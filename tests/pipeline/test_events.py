@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -236,3 +237,33 @@ def test_batch_decode_is_the_same_with_and_without_msgspec(seed, n_good, n_bad):
 
     recs = [rec(v, i) for i, (_, v, _) in enumerate(hostile_records(seed, n_good, n_bad))]
     assert batch_decode(recs) == _without_msgspec(lambda: batch_decode(recs)) == reference_decode(recs)
+
+
+def test_record_batch_round_trip_take_and_lazy_keys():
+    from pipeline.events import RecordBatch
+
+    recs = [RawRecord("events", i % 3, 10 + i, None if i == 4 else b"k%d" % i, b"v%d" % i) for i in range(9)]
+    b = RecordBatch.from_records(recs)
+    assert len(b) == 9 and b.topic == "events" and b.records() == recs and b.record(4) == recs[4]
+    calls = []
+    lazy = RecordBatch(b.topic, b.partition, b.offset, b.value, lambda: calls.append(1) or [r.key for r in recs])
+    part = lazy.take(np.array([1, 4, 8]))
+    assert not calls and part.records() == [recs[1], recs[4], recs[8]] and calls == [1]
+    assert RecordBatch.from_records([]).records() == [] and len(RecordBatch.from_records([])) == 0
+    with pytest.raises(ValueError, match="one topic"):
+        RecordBatch.from_records([recs[0], RawRecord("other", 0, 0, None, b"")])
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10**6), n_good=st.integers(0, 100), n_bad=st.integers(0, 10))
+def test_decode_of_a_record_batch_equals_decode_of_its_records(seed, n_good, n_bad):
+    """The worker decodes columns; dead letters still carry the whole original record."""
+    from pipeline.events import RecordBatch
+    from tests.pipeline.hostile import hostile_records
+
+    recs = [RawRecord("events", i % 2, i, b"key%d" % i, v) for i, (_, v, _) in enumerate(hostile_records(seed, n_good, n_bad))]
+    a, dead_a = decode_batch(RecordBatch.from_records(recs))
+    b, dead_b = decode_batch(recs)
+    assert dead_a == dead_b and batch_decode(recs) == reference_decode(recs)
+    assert all(np.array_equal(getattr(a, f), getattr(b, f)) for f in ("kind", "user", "item", "ts", "partition", "offset"))
+    assert (a.user_raw, a.item_raw, a.cat_raw, a.request_id) == (b.user_raw, b.item_raw, b.cat_raw, b.request_id)

@@ -403,3 +403,33 @@ def test_static_assignment_resume_ignores_group_offsets_of_unlisted_partitions(b
         assert sorted((r.partition, r.offset) for r in got) == [(p, o) for p in (0, 1) for o in range(10, 20)]
     finally:
         fresh.close()
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_poll_columns_gives_the_records_poll_batch_gives(broker, client):
+    """The worker's columnar poll: the same topic, partitions, offsets, keys and values as the
+    record poll, keys (tombstone and keyless records included) fetched on demand."""
+    from pipeline.kafka import make_assigned_consumer
+    from tests.pipeline.procs import produce_partitioned
+
+    topic = f"cols-{uuid.uuid4().hex[:8]}"
+    sent = [(i % 3, None if i % 7 == 3 else b"k%d" % i, None if i % 11 == 0 else b"v%d" % i) for i in range(60)]
+    produce_partitioned(broker.bootstrap, topic, sent, 3)
+    rows, by_record = [], []
+    for poll in ("poll_columns", "poll_batch"):
+        c = make_assigned_consumer(client, broker.bootstrap, [topic], None)
+        try:
+            out: list = []
+            while len(out) < 60:
+                got = getattr(c, poll)(1000, 200)
+                if poll == "poll_columns":
+                    assert got.topic == (topic if len(got) else "")
+                    got = got.records()
+                out += got
+        finally:
+            c.close()
+        (rows if poll == "poll_columns" else by_record).extend(sorted(out, key=lambda r: (r.partition, r.offset)))
+    assert rows == by_record and len(rows) == 60
+    assert sorted((r.key, r.value) for r in rows if r.key and r.value) == sorted((k, v) for _, k, v in sent if k and v)
+    assert sum(r.key is None for r in rows) == 9 and sum(r.value is None for r in rows) == 6
