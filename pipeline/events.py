@@ -598,10 +598,44 @@ if _msgspec is not None:
 #: Cleared when full, like _ID_CACHE.
 _HASH_CACHE: dict[str | int | None, int] = {None: 0}
 
+#: Integer ids get a direct-mapped table in numpy instead (slot = Fibonacci hash of the id): one
+#: vectorised gather per column where the dict costs a dependent chain of cache misses per id
+#: (~25 ns/id against ~80 ns measured on this box, more under load). 2^18 slots (4 MiB) keep
+#: collisions rare for a few tens of thousands of hot ids (a colliding id is re-hashed, ~0.5 us);
+#: every slot always holds a valid (id, hash) pair: it starts as id 0 with its true hash.
+INT_ID_SLOTS_LOG2 = 18
+_INT_IDS = np.zeros(1 << INT_ID_SLOTS_LOG2, np.int64)
+_INT_HASHES = np.full(1 << INT_ID_SLOTS_LOG2, xxhash.xxh3_64_intdigest(b"0") & _MASK63, np.int64)
+_FIB = np.uint64(0x9E3779B97F4A7C15)
+_SLOT_SHIFT = np.uint64(64 - INT_ID_SLOTS_LOG2)
+_INT_ONLY = {int}
+
+
+def _int_id_hashes(ids: np.ndarray) -> np.ndarray:
+    """(n,) hashes of (n,) int64 ids: ``hash_id`` of each, through the direct-mapped table."""
+    slot = (ids.view(np.uint64) * _FIB) >> _SLOT_SHIFT
+    hit = _INT_IDS[slot] == ids
+    out = _INT_HASHES[slot]  # read before the misses are filled in: one may take a hit's slot
+    if hit.all():
+        return out
+    miss = np.unique(ids[~hit])
+    hashes = np.fromiter((xxhash.xxh3_64_intdigest(str(v).encode()) & _MASK63 for v in miss.tolist()),
+                         np.int64, len(miss))
+    out[~hit] = hashes[np.searchsorted(miss, ids[~hit])]
+    # one write per slot (numpy leaves the winner of repeated indices unspecified, and the id and
+    # its hash must come from the same element)
+    miss_slot, one = np.unique((miss.view(np.uint64) * _FIB) >> _SLOT_SHIFT, return_index=True)
+    _INT_IDS[miss_slot] = miss[one]
+    _INT_HASHES[miss_slot] = hashes[one]
+    return out
+
 
 def _typed_hashes(vals: list[Any]) -> np.ndarray:
-    """(n,) int64 hashes of ids that ``_PlainEvent`` admitted: one C-level map when all are cached."""
+    """(n,) int64 hashes of ids that ``_PlainEvent`` admitted: a vectorised table when all are
+    integers (int64, by the type), else one C-level dict map when all are cached."""
     n = len(vals)
+    if set(map(type, vals)) == _INT_ONLY:  # (np.fromiter alone would also parse "01" as 1)
+        return _int_id_hashes(np.fromiter(vals, np.int64, n))
     try:
         return np.fromiter(map(_HASH_CACHE.__getitem__, vals), np.int64, n)
     except KeyError:

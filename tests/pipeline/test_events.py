@@ -267,3 +267,29 @@ def test_decode_of_a_record_batch_equals_decode_of_its_records(seed, n_good, n_b
     assert dead_a == dead_b and batch_decode(recs) == reference_decode(recs)
     assert all(np.array_equal(getattr(a, f), getattr(b, f)) for f in ("kind", "user", "item", "ts", "partition", "offset"))
     assert (a.user_raw, a.item_raw, a.cat_raw, a.request_id) == (b.user_raw, b.item_raw, b.cat_raw, b.request_id)
+
+
+def test_integer_id_table_hashes_like_hash_id_through_collisions():
+    """The direct-mapped table of integer ids: every answer is hash_id's, whatever shares a slot."""
+    from pipeline import events as ev
+
+    rng = np.random.default_rng(3)
+    step = 1 << (64 - ev.INT_ID_SLOTS_LOG2)  # not a collision by itself: the slot is a Fibonacci hash
+    ids = np.concatenate([rng.integers(-2**63, 2**63 - 1, 3000, dtype=np.int64, endpoint=True),
+                          np.array([0, 1, -1, 2**63 - 1, -2**63, step, 2 * step], np.int64),
+                          rng.integers(0, 50, 2000, dtype=np.int64)])
+    slots = (ids.view(np.uint64) * ev._FIB) >> ev._SLOT_SHIFT
+    same = slots[:, None] == slots[None, :]
+    assert (same.sum(1) > 1).any()  # some ids collide (the repeats of small ids at least)
+    expect = [hash_id(int(v)) for v in ids]
+    for _ in range(3):  # cold, warm, and after the colliding ids overwrote each other
+        assert ev._int_id_hashes(ids).tolist() == expect
+        assert ev._int_id_hashes(ids[::-1].copy()).tolist() == expect[::-1]
+
+
+@pytest.mark.parametrize("ids", [[1, "1", "01"], ["01", "1"], [7, 8, None], [2**63 - 1, -2**63, 5]])
+def test_typed_id_hashes_for_mixed_and_numeric_looking_ids(ids):
+    from pipeline import events as ev
+
+    assert ev._typed_hashes(list(ids)).tolist() == [0 if v is None else hash_id(v) for v in ids]
+    assert hash_id("01") != hash_id(1)
