@@ -433,3 +433,28 @@ def test_poll_columns_gives_the_records_poll_batch_gives(broker, client):
     assert rows == by_record and len(rows) == 60
     assert sorted((r.key, r.value) for r in rows if r.key and r.value) == sorted((k, v) for _, k, v in sent if k and v)
     assert sum(r.key is None for r in rows) == 9 and sum(r.value is None for r in rows) == 6
+
+
+def test_gc_threshold_is_raised_while_workers_run_and_restored_after():
+    import gc
+    import threading
+
+    from pipeline.worker import GC_GEN0_THRESHOLD, _gc_threshold
+
+    before = gc.get_threshold()
+    inner_entered, release = threading.Event(), threading.Event()
+
+    def other_worker():
+        with _gc_threshold(GC_GEN0_THRESHOLD):
+            inner_entered.set()
+            release.wait(10)
+
+    with _gc_threshold(GC_GEN0_THRESHOLD):
+        assert gc.get_threshold()[0] == max(GC_GEN0_THRESHOLD, before[0])
+        t = threading.Thread(target=other_worker)
+        t.start()
+        assert inner_entered.wait(10)
+    assert gc.get_threshold()[0] == max(GC_GEN0_THRESHOLD, before[0])  # the other one still runs
+    release.set()
+    t.join(10)
+    assert gc.get_threshold() == before
