@@ -100,6 +100,12 @@ class DiffuMINConfig:
     temperature: float = 0.05  # CMIC InfoNCE temperature
     lambda_diffusion: float = 0.01  # λ1 on the diffusion (x0-prediction MSE) loss
     lambda_contrastive: float = 0.001  # λ2 on the contrastive calibration loss
+    # head features: "matched" = [log|r_c|, cos(r_c, target), r, r*] (ours, docs/models.md) or
+    # "paper" = [r, r*] (the paper's concat)
+    head_features: str = "matched"
+    # initial head-input scale of the generated interests r* (1.0 = the paper's plain concat; 0
+    # starts the head without r* and lets it learn how much to use: see docs/models.md)
+    generated_scale_init: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("channels", "keep", "layers", "heads", "ffn_factor", "diffusion_steps", "sample_steps"):
@@ -109,6 +115,8 @@ class DiffuMINConfig:
             raise ValueError("need 0 < beta_start < beta_end < 1")
         if not self.sample_steps - 1 <= self.start_step < self.diffusion_steps:
             raise ValueError("start_step must be in [sample_steps - 1, diffusion_steps)")
+        if self.head_features not in ("matched", "paper"):
+            raise ValueError(f"head_features must be 'matched' or 'paper', got {self.head_features!r}")
         if self.temperature <= 0 or self.lambda_diffusion < 0 or self.lambda_contrastive < 0:
             raise ValueError("temperature must be > 0 and the loss weights >= 0")
 

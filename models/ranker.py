@@ -138,7 +138,8 @@ class Ranker(BackendModule):
                 self.long = DiffuMINArch(d, long)
             in_dim = d + (d if self.short is not None else 0)
             in_dim += int(getattr(self.long, "out_dim", 0))
-            self.over = OverArch(in_dim, config.over)
+            tail, tail_scale = getattr(self.long, "head_tail_scale", (0, 1.0))
+            self.over = OverArch(in_dim, config.over, tail, tail_scale)
 
     # -- user side --------------------------------------------------------------------------------
 

@@ -221,8 +221,17 @@ class DiffuMINArch(BackendModule):
     **CMIC.** Per channel, ``r̂`` and ``r*`` go through two projectors (d → 4d ReLU → d),
     are ℓ2-normalised and aligned by InfoNCE over the batch (temperature 0.05).
 
-    Features for the head: ``[r, r*]`` flattened (B, 2·c·d). Losses (training, wired in):
-    ``λ1·L_d + λ2·L_cl`` as ``diffumin_diffusion`` and ``diffumin_contrastive``.
+    **Head features.** The paper feeds ``[r, r*]`` (``head_features="paper"``, B × 2·c·d). The
+    default ``"matched"`` puts two scalars per channel in front, ``[log‖r_c‖, cos(r_c, e_s), r,
+    r*]`` (B × (2·c + 2·c·d)), a deviation measured in docs/models.md: ``r`` is a relevance-weighted
+    sum of small embeddings divided by L, so its variance is ~1e-10 against the head BatchNorm's
+    eps of 1e-5 and the head barely saw it; the log-norm is scale-free (the embedding scale and
+    1/L become an additive constant that BatchNorm removes), and the cosine with the target gives
+    the head the target-match signal an MLP cannot easily form from ``r`` and ``e_s``. The head's
+    input scale of ``r*`` starts at ``config.generated_scale_init`` (default 0; 1 is the paper's
+    plain concat), so the head starts from OMIE and learns how much of the generated interests
+    to use. Losses (training, wired in): ``λ1·L_d + λ2·L_cl`` as ``diffumin_diffusion`` and
+    ``diffumin_contrastive``; they train the generator from the first step whatever that scale.
 
     Args:
         dim (int): behavior/candidate embedding width d (>= channels).
@@ -235,7 +244,7 @@ class DiffuMINArch(BackendModule):
         ...               torch.ones(4, dtype=torch.long), torch.ones(4, dtype=torch.long),
         ...               torch.zeros(4, dtype=torch.long))
         >>> out, aux = arch(arch.encode(torch.randn(1, 6, 8), batch), torch.randn(4, 8), batch)
-        >>> assert out.shape == (4, 2 * 2 * 8)
+        >>> assert out.shape == (4, 2 * 2 + 2 * 2 * 8)  # [log|r_c|, cos(r_c, e_s), r, r*]
     """
 
     def __init__(self, dim: int, config: DiffuMINConfig) -> None:
@@ -250,7 +259,10 @@ class DiffuMINArch(BackendModule):
         self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, 0).float(), persistent=False)  # (T,)
         steps = torch.linspace(config.start_step, 0, config.sample_steps).round().to(torch.int64)
         self.register_buffer("sample_timesteps", torch.unique_consecutive(steps), persistent=False)
-        self.out_dim = 2 * config.channels * dim
+        self.matched = config.head_features == "matched"
+        self.out_dim = 2 * config.channels * dim + (2 * config.channels if self.matched else 0)
+        # r* is the last c·d head inputs; the head starts them at this scale (see OverArch)
+        self.head_tail_scale = (config.channels * dim, config.generated_scale_init)
 
     def encode(self, hist_emb: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
         """The embedded sequence and its mask (OMIE depends on the candidate, so no more)."""
@@ -301,10 +313,7 @@ class DiffuMINArch(BackendModule):
             top_val, top_idx = score.topk(k, dim=-1)  # (B, c, k)
         kept = torch.isfinite(top_val)  # (B, c, k)
         w = torch.gather(rel, 2, top_idx) * kept  # (B, c, k) relevance weights (gradient flows here)
-        if emb.shape[0] == 1:
-            e = emb[0][top_idx]  # (B, c, k, d)
-        else:
-            e = emb[user_index.view(-1, 1, 1), top_idx]  # (B, c, k, d)
+        e = emb[user_index.view(-1, 1, 1), top_idx]  # (B, c, k, d)
         n = real.sum(-1).clamp(min=1).to(e.dtype).view(-1, 1, 1)  # (B, 1, 1) the user's real length
         return torch.einsum("bck,bckd->bcd", w, e) / n  # (B, c, d)
 
@@ -379,4 +388,9 @@ class DiffuMINArch(BackendModule):
             aux["diffumin_diffusion"] = cfg.lambda_diffusion * self.diffusion_loss(x0, bases)
             aux["diffumin_contrastive"] = cfg.lambda_contrastive * self.contrastive_loss(x0, generated)
         b = target.shape[0]
-        return torch.cat([r.reshape(b, -1), generated.reshape(b, -1)], dim=-1), aux
+        parts = [r.reshape(b, -1), generated.reshape(b, -1)]
+        if self.matched:
+            log_norm = 0.5 * torch.log(r.float().pow(2).sum(-1) + 1e-16).to(r.dtype)  # (B, c); empty → -18.4
+            cosine = (x0 * F.normalize(target, dim=-1).unsqueeze(1)).sum(-1)  # (B, c); empty → 0
+            parts = [log_norm, cosine, *parts]
+        return torch.cat(parts, dim=-1), aux

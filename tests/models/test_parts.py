@@ -191,6 +191,41 @@ def test_diffumin_inference_is_deterministic(spec, make_batch):
     assert torch.equal(a, ranker(batch))
 
 
+def test_diffumin_matched_head_features(spec, make_batch):
+    """``matched`` = [log|r_c|, cos(r_c, e_s), r, r*]; ``paper`` = [r, r*]; same r and r* in both.
+    The log-norm ignores the overall scale of r (1/L, embedding scale) up to a constant."""
+    c, d = 2, 8
+    batch = make_batch()
+    torch.manual_seed(0)
+    emb, target = torch.randn(5, 64, d), torch.randn(5, d)
+    out = {}
+    weights = DiffuMINArch(d, DiffuMINConfig(channels=c)).state_dict()
+    for kind in ("matched", "paper"):
+        arch = DiffuMINArch(d, DiffuMINConfig(channels=c, keep=5, sample_steps=2, start_step=5,
+                                              head_features=kind)).eval()
+        arch.load_state_dict(weights)
+        out[kind] = arch(arch.encode(emb, batch), target, batch)[0]
+        assert out[kind].shape == (5, arch.out_dim)
+    assert out["matched"].shape[1] == 2 * c + 2 * c * d and out["paper"].shape[1] == 2 * c * d
+    torch.testing.assert_close(out["matched"][:, 2 * c:], out["paper"])
+    r = out["paper"][:, : c * d].view(5, c, d)
+    real = r.norm(dim=-1) > 0
+    torch.testing.assert_close(out["matched"][:, :c][real], r.norm(dim=-1).log()[real])
+    want_cos = torch.nn.functional.cosine_similarity(r, target.unsqueeze(1), dim=-1)
+    torch.testing.assert_close(out["matched"][:, c:2 * c][real], want_cos[real])
+    assert not batch.hist_mask[0].any() and torch.all(out["matched"][0, c:2 * c] == 0)  # empty history
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.0])
+def test_diffumin_generated_interests_start_at_their_scale(spec, scale):
+    ranker = build_ranker("diffumin", spec, embed_dim=8, long={"generated_scale_init": scale})
+    w = ranker.over.norm.weight.detach()
+    tail = ranker.long.config.channels * ranker.config.item_dim  # r* is the last c·d head inputs
+    assert torch.all(w[-tail:] == scale) and torch.all(w[:-tail] == 1.0)
+    no_norm = build_ranker("diffumin", spec, embed_dim=8, over={"input_norm": False})
+    assert no_norm.over.scale is not None and torch.all(no_norm.over.scale[-tail:] == 0.0)
+
+
 # ---- DIN ------------------------------------------------------------------------------------------
 
 
