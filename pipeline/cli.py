@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -104,10 +105,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     s = _settings(TrainerSettings, args, "trainer")
     reports = run_trainer(s)
+
+    def metric(x: float) -> float | None:  # strict JSON: no NaN (a rank > 0 or a run with no labels)
+        return None if math.isnan(x) else x
+
     for r in reports:
-        print(json.dumps({"model": r.preset, "registered": r.registered_name, "samples": r.samples,
-                          "progressive_auc": r.auc, "logloss": r.logloss, "versions": r.versions,
-                          "champion": r.champion}), flush=True)
+        line = {"model": r.preset, "registered": r.registered_name, "samples": r.samples,
+                "progressive_auc": metric(r.auc), "logloss": metric(r.logloss), "versions": r.versions,
+                "champion": r.champion}
+        if s.world_size > 1:  # only rank 0 gathers every rank's predictions, so only it has metrics
+            line["rank"] = s.rank
+        print(json.dumps(line, allow_nan=False), flush=True)
     return 0
 
 

@@ -97,6 +97,10 @@ def _run_ranks(broker, topic: str, setup: dict, prefix: str, checkpoint_every: i
         assert proc.returncode == 0, "\n".join(f"rank {r} exited {q.returncode}:\n{e[-2500:]}"
                                                for r, (q, (_, e)) in enumerate(zip(procs, results, strict=True)))
         assert [json.loads(line)["model"] for line in out.strip().splitlines()] == MODELS
+    for rank, (out, _) in enumerate(results):  # strict JSON exit lines; metrics on rank 0 only
+        lines = [json.loads(line, parse_constant=lambda c: pytest.fail(f"rank {rank} printed {c}"))
+                 for line in out.strip().splitlines()]
+        assert all(x["rank"] == rank and (x["progressive_auc"] is None) == (rank > 0) for x in lines), lines
     states = []
     for rank in (0, 1):
         files = _state_files(setup["ckpt"], rank)
