@@ -141,7 +141,9 @@ class _Cpu:
 
 
 def raw_consume(client: str, bootstrap: str, topic: str, n: int) -> dict[str, float]:
-    """The bare client reading the whole topic: the ceiling for the worker on the same topic."""
+    """The bare client reading the whole topic: the ceiling for the worker on the same topic. The
+    clock starts once the client is connected and knows the topic (the worker's starts at its
+    partition assignment, after the group join, so connection setup is outside both)."""
     t0 = None
     got = 0
     with _Cpu() as cpu:
@@ -150,6 +152,7 @@ def raw_consume(client: str, bootstrap: str, topic: str, n: int) -> dict[str, fl
 
             c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, max_poll_records=5000,
                               fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20, check_crcs=CHECK_CRCS)
+            c.partitions_for_topic(topic)  # connected, metadata known: as the worker is when assigned
             c.assign([TopicPartition(topic, i) for i in range(PARTITIONS)])
             c.seek_to_beginning()
             t0 = time.perf_counter()
@@ -164,6 +167,7 @@ def raw_consume(client: str, bootstrap: str, topic: str, n: int) -> dict[str, fl
             c = ck.Consumer({"bootstrap.servers": bootstrap, "group.id": f"raw-{uuid.uuid4().hex}",
                              "enable.auto.commit": False, "auto.offset.reset": "earliest", "check.crcs": True,
                              "fetch.max.bytes": 64 << 20, "max.partition.fetch.bytes": 16 << 20})
+            c.list_topics(topic, timeout=10)  # connected, metadata known: as the worker is when assigned
             c.assign([ck.TopicPartition(topic, i, ck.OFFSET_BEGINNING) for i in range(PARTITIONS)])
             t0 = time.perf_counter()
             while got < n:
