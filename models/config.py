@@ -220,6 +220,10 @@ class RankerConfig:
             kind = long.pop("kind")
             if kind not in _LONG_KINDS:
                 raise ValueError(f"unknown long-sequence kind {kind!r}")
+            if kind == "diffumin":
+                # written before the head options existed: those models have the paper's head
+                long.setdefault("head_features", "paper")
+                long.setdefault("generated_scale_init", 1.0)
             long = _from_fields(_LONG_KINDS[kind], long)
         short = d.pop("short", None)
         features = FeatureSpec.from_dict(d.pop("features", {}))

@@ -107,6 +107,22 @@ def test_config_round_trip_is_json_safe_and_rejects_unknown_fields(spec):
         build_ranker("nope")
 
 
+def test_diffumin_saved_before_the_head_options_loads_with_the_papers_head(spec, make_batch, tmp_path):
+    """A DiffuMIN checkpoint written before ``head_features``/``generated_scale_init`` existed (its
+    config lacks them) rebuilds the architecture it was trained with and loads its weights."""
+    old = small("diffumin", spec, long={"keep": 5, "sample_steps": 3, "start_step": 20,
+                                        "head_features": "paper", "generated_scale_init": 1.0}).eval()
+    save_ranker(old, tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "config.json"
+    doc = json.loads(path.read_text())
+    del doc["config"]["long"]["head_features"], doc["config"]["long"]["generated_scale_init"]
+    path.write_text(json.dumps(doc))
+    loaded = load_ranker(tmp_path / "ckpt")
+    assert loaded.config == old.config
+    batch = make_batch(seed=4)
+    torch.testing.assert_close(loaded(batch), old(batch), rtol=0, atol=0)
+
+
 def test_overrides_merge_into_parts(spec):
     r = build_ranker("dare", spec, long={"top_k": 7}, short={"softmax": True})
     assert r.config.long.top_k == 7 and r.config.long.attn_dim == 8
