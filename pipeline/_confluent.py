@@ -10,7 +10,6 @@ passed to ``assign()`` inside the callback, so no record is fetched from anywher
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 import uuid
@@ -19,15 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.events import RawRecord, RecordBatch
+from pipeline.events import RawRecord, RecordBatch, raw_record_from_tuple
 from pipeline.exceptions import BrokerError
 
 __all__ = ["ConfluentAssignedConsumer", "ConfluentConsumer", "ConfluentProducer"]
 
 log = logging.getLogger(__name__)
 TopicPartitionT = tuple[str, int]
-#: Builds a RawRecord from a 5-tuple in C (what ``RawRecord._make`` does, minus its Python frame).
-_RAW_RECORD = functools.partial(tuple.__new__, RawRecord)
 RebalanceCb = Callable[[list[TopicPartitionT]], None]
 
 #: librdkafka prefetch limits. The worker pulls up to ``max_poll_records`` per call; a 64 MiB local
@@ -118,7 +115,7 @@ class ConfluentConsumer:
 
         msgs = self._consume(max_records, timeout_ms)
         # C-level maps over the message accessors, no Python frame per record (~1 us/record less)
-        return list(map(_RAW_RECORD, zip(map(Message.topic, msgs), map(Message.partition, msgs),
+        return list(map(raw_record_from_tuple, zip(map(Message.topic, msgs), map(Message.partition, msgs),
                                          map(Message.offset, msgs), map(Message.key, msgs),
                                          map(Message.value, msgs))))
 
@@ -131,10 +128,7 @@ class ConfluentConsumer:
         if len(self._topics) == 1:  # librdkafka delivers only subscribed topics
             topic = self._topics[0] if n else ""
         else:
-            topics: set[str] = set(map(Message.topic, msgs))  # type: ignore[arg-type]  # set on a message
-            if len(topics) > 1:
-                raise ValueError(f"a record batch must come from one topic, got {sorted(topics)}")
-            topic = topics.pop() if topics else ""
+            topic = RecordBatch.only_topic(set(map(Message.topic, msgs)))  # type: ignore[arg-type]  # set on a message
         return RecordBatch(topic, np.fromiter(map(Message.partition, msgs), np.int64, n),
                            np.fromiter(map(Message.offset, msgs), np.int64, n), list(map(Message.value, msgs)),
                            lambda: list(map(Message.key, msgs)))

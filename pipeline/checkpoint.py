@@ -101,10 +101,6 @@ class Checkpoint:
         d = self.delta
         return not (self.events or self._cols or d.offsets or d.pending_put or d.pending_del or d.meta)
 
-    @property
-    def partitions(self) -> list[TopicPartitionT]:
-        return list(self.delta.offsets)
-
     def due(self) -> bool:
         return self.policy.due(self.events, self.opened, self._clock())
 

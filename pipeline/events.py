@@ -11,6 +11,7 @@ fold it into sized embedding tables (``models.features``).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import operator
@@ -34,6 +35,7 @@ __all__ = [
     "encode_event",
     "hash_id",
     "id_str",
+    "raw_record_from_tuple",
 ]
 
 #: Behavior kinds, as stored (uint8). 0 is reserved for padding in model inputs.
@@ -109,14 +111,18 @@ class RecordBatch:
             self._key = self._key()
         return self._key
 
+    @staticmethod
+    def only_topic(topics: set[str]) -> str:
+        """The one topic of a batch ("" for an empty one); ValueError when there are several."""
+        if len(topics) > 1:
+            raise ValueError(f"a record batch must come from one topic, got {sorted(topics)}")
+        return topics.pop() if topics else ""
+
     @classmethod
     def from_records(cls, records: Sequence[RawRecord]) -> RecordBatch:
         """Columns of ``records``, which must all come from one topic (ValueError otherwise)."""
-        topics = {r.topic for r in records}
-        if len(topics) > 1:
-            raise ValueError(f"a record batch must come from one topic, got {sorted(topics)}")
         n = len(records)
-        return cls(topics.pop() if topics else "", np.fromiter(map(_R_PARTITION, records), np.int64, n),
+        return cls(cls.only_topic({r.topic for r in records}), np.fromiter(map(_R_PARTITION, records), np.int64, n),
                    np.fromiter(map(_R_OFFSET, records), np.int64, n), list(map(_R_VALUE, records)),
                    list(map(_R_KEY, records)))
 
@@ -136,6 +142,9 @@ class RecordBatch:
 
 
 _R_PARTITION, _R_OFFSET, _R_KEY, _R_VALUE = (operator.itemgetter(i) for i in range(1, 5))  # RawRecord fields
+#: Builds a RawRecord from a 5-tuple in C (what ``RawRecord._make`` does, minus its Python frame):
+#: the consumer adapters map it over their clients' messages.
+raw_record_from_tuple = functools.partial(tuple.__new__, RawRecord)
 
 
 @dataclass(frozen=True)
@@ -474,7 +483,6 @@ def _fast(obj: Any) -> tuple[Any, ...]:
 
 _REQUIRED = tuple(map(operator.itemgetter, ("type", "user_id", "item_id", "ts")))
 _RAW, _HASH = operator.itemgetter(0), operator.itemgetter(1)
-_PARTITION, _OFFSET = operator.itemgetter(1), operator.itemgetter(2)  # RawRecord fields
 _ACTION_OR_NONE: dict[Any, int] = {**ACTIONS, None: 0}
 _DICT = {dict}
 _ID_TYPES = frozenset({int, str})
@@ -557,8 +565,8 @@ def _columnar(records: Sequence[RawRecord], objs: list[Any]) -> DecodedBatch | N
         user_id=list(map(_RAW, ue)),
         item_id=list(map(_RAW, ie)),
         category_id=list(map(_RAW, ce)),
-        partition=np.fromiter(map(_PARTITION, records), np.int64, n),
-        offset=np.fromiter(map(_OFFSET, records), np.int64, n),
+        partition=np.fromiter(map(_R_PARTITION, records), np.int64, n),
+        offset=np.fromiter(map(_R_OFFSET, records), np.int64, n),
         context=[None] * n,
     )
 
@@ -705,18 +713,19 @@ def decode_batch(records: Sequence[RawRecord] | RecordBatch) -> tuple[DecodedBat
     short path for the common shape (:func:`_fast`) and the full one, which words the DLQ reason,
     for the rest.
     """
-    if isinstance(records, RecordBatch):
-        if records and _msgspec is not None:
-            typed = _typed_batch(records.value, records.partition, records.offset)
-            if typed is not None:
-                return typed, []
-        records = records.records()
-    elif records and _msgspec is not None:
-        n = len(records)
-        typed = _typed_batch(list(map(_R_VALUE, records)), np.fromiter(map(_PARTITION, records), np.int64, n),
-                             np.fromiter(map(_OFFSET, records), np.int64, n))
+    if len(records) and _msgspec is not None:
+        if isinstance(records, RecordBatch):
+            values, parts, offs = records.value, records.partition, records.offset
+        else:
+            n = len(records)
+            values = list(map(_R_VALUE, records))
+            parts = np.fromiter(map(_R_PARTITION, records), np.int64, n)
+            offs = np.fromiter(map(_R_OFFSET, records), np.int64, n)
+        typed = _typed_batch(values, parts, offs)
         if typed is not None:
             return typed, []
+    if isinstance(records, RecordBatch):
+        records = records.records()
     objs = _parse_all([r.value for r in records]) if records else []
     if objs:
         fast = _columnar(records, objs)

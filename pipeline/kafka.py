@@ -4,7 +4,6 @@ produce). ``kafka-python`` is the default client; ``confluent`` (librdkafka) is 
 
 from __future__ import annotations
 
-import functools
 import logging
 import operator
 import os
@@ -15,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from pipeline.events import RawRecord, RecordBatch
+from pipeline.events import RawRecord, RecordBatch, raw_record_from_tuple
 from pipeline.exceptions import BrokerError
 
 __all__ = ["ConsumerAdapter", "ProducerAdapter", "make_assigned_consumer", "make_consumer", "make_producer",
@@ -23,7 +22,6 @@ __all__ = ["ConsumerAdapter", "ProducerAdapter", "make_assigned_consumer", "make
 
 log = logging.getLogger(__name__)
 TopicPartitionT = tuple[str, int]
-_RAW_RECORD = functools.partial(tuple.__new__, RawRecord)  # RawRecord from a 5-tuple, in C
 _OFFSET, _KEY, _VALUE = (operator.attrgetter(f) for f in ("offset", "key", "value"))  # kafka-python records
 RebalanceCb = Callable[[list[TopicPartitionT]], None]
 
@@ -92,16 +90,14 @@ class _KafkaPythonConsumer:
         out: list[RawRecord] = []
         for tp, recs in polled.items():
             # C-level maps over the records' fields, no Python frame per record
-            out += map(_RAW_RECORD, zip(repeat(tp.topic), repeat(tp.partition), map(_OFFSET, recs),
+            out += map(raw_record_from_tuple, zip(repeat(tp.topic), repeat(tp.partition), map(_OFFSET, recs),
                                         map(_KEY, recs), map(_VALUE, recs)))
         return out
 
     def poll_columns(self, max_records: int, timeout_ms: int) -> RecordBatch:
         """One batch as columns (the worker's hot path); all its records must come from one topic."""
         polled = self._c.poll(timeout_ms=timeout_ms, max_records=max_records)
-        topics = {tp.topic for tp in polled}
-        if len(topics) > 1:
-            raise ValueError(f"a record batch must come from one topic, got {sorted(topics)}")
+        topic = RecordBatch.only_topic({tp.topic for tp in polled})
         values: list[bytes | None] = []
         offsets: list[int] = []
         parts: list[int] = []
@@ -112,7 +108,7 @@ class _KafkaPythonConsumer:
             parts += repeat(tp.partition, len(rs))
             recs += rs
         n = len(values)
-        return RecordBatch(topics.pop() if topics else "", np.fromiter(parts, np.int64, n),
+        return RecordBatch(topic, np.fromiter(parts, np.int64, n),
                            np.fromiter(offsets, np.int64, n), values, lambda: list(map(_KEY, recs)))
 
     def seek(self, tp: TopicPartitionT, offset: int) -> None:

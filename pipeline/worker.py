@@ -63,6 +63,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -282,30 +283,25 @@ class StreamWorker:
         """Write the pending impressions and orphan clicks changed since the last commit into the
         checkpoint: a put of the current value, or a delete of a key the store holds. (A failed
         commit discards every partition's state, ``stored`` included, so staging early is safe.)"""
-        put, dele, pkey = delta.pending_put, delta.pending_del, self._pkey
         for tp, st in self._parts.items():
             if st.touched:
-                pending, stored = st.pending, st.stored
-                for key in st.touched:
-                    p = pending.get(key)
-                    if p is not None:
-                        put[pkey(tp, b"I", *key)] = p.encode()
-                        stored.add(key)
-                    elif key in stored:
-                        dele.add(pkey(tp, b"I", *key))
-                        stored.discard(key)
-                st.touched.clear()
+                self._stage(delta, tp, b"I", st.touched, st.pending, st.stored, _Pending.encode)
             if st.touched_orphans:
-                orphans, stored = st.orphans, st.stored_orphans
-                for key in st.touched_orphans:
-                    cts = orphans.get(key)
-                    if cts is not None:
-                        put[pkey(tp, b"C", *key)] = _WM.pack(cts)
-                        stored.add(key)
-                    elif key in stored:
-                        dele.add(pkey(tp, b"C", *key))
-                        stored.discard(key)
-                st.touched_orphans.clear()
+                self._stage(delta, tp, b"C", st.touched_orphans, st.orphans, st.stored_orphans, _WM.pack)
+
+    def _stage(self, delta: StateDelta, tp: TopicPartitionT, kind: bytes, touched: set[tuple[str, int]],
+               live: dict[tuple[str, int], Any], stored: set[tuple[str, int]], encode: Callable[[Any], bytes]) -> None:
+        """One kind of pending key (``b"I"`` impressions, ``b"C"`` orphan clicks) of one partition."""
+        put, dele, pkey = delta.pending_put, delta.pending_del, self._pkey
+        for key in touched:
+            value = live.get(key)
+            if value is not None:
+                put[pkey(tp, kind, *key)] = encode(value)
+                stored.add(key)
+            elif key in stored:
+                dele.add(pkey(tp, kind, *key))
+                stored.discard(key)
+        touched.clear()
 
     def commit_if_due(self) -> bool:
         """Commit when the policy says so (``commit_max_events`` or ``commit_interval_ms``)."""
