@@ -25,11 +25,11 @@ demo: $(STAMP)   ## run the whole pipeline end to end on embedded defaults
 
 test: $(STAMP)   ## the whole suite, slow chaos and end-to-end tests included
 	bash infra/ensure-redis.sh
-	$(PYTEST) -q -p no:cacheprovider --timeout=900
+	REQUIRE_REDIS=1 $(PYTEST) -q -p no:cacheprovider --timeout=900
 
 test-fast: $(STAMP)  ## quick iteration: everything but slow-marked tests
 	bash infra/ensure-redis.sh
-	$(PYTEST) -q -m "not slow" -x --timeout=300
+	REQUIRE_REDIS=1 $(PYTEST) -q -m "not slow" -x --timeout=300
 
 test-interpret: $(STAMP)  ## Triton parity tests on CPU under the interpreter
 	TRITON_INTERPRET=1 REQUIRE_TRITON=1 $(PYTEST) -q -m interpret tests/triton_kernels
