@@ -44,6 +44,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline._confluent import FETCH_CONF  # noqa: E402
 from pipeline.broker import EmbeddedBroker, create_topics, free_port  # noqa: E402
 from pipeline.config import WorkerSettings  # noqa: E402
 from pipeline.events import encode_event, user_key  # noqa: E402
@@ -166,7 +167,7 @@ def raw_consume(client: str, bootstrap: str, topic: str, n: int) -> dict[str, fl
 
             c = ck.Consumer({"bootstrap.servers": bootstrap, "group.id": f"raw-{uuid.uuid4().hex}",
                              "enable.auto.commit": False, "auto.offset.reset": "earliest", "check.crcs": True,
-                             "fetch.max.bytes": 64 << 20, "max.partition.fetch.bytes": 16 << 20})
+                             **FETCH_CONF})  # the worker's own fetch settings
             c.list_topics(topic, timeout=10)  # connected, metadata known: as the worker is when assigned
             c.assign([ck.TopicPartition(topic, i, ck.OFFSET_BEGINNING) for i in range(PARTITIONS)])
             t0 = time.perf_counter()
