@@ -172,7 +172,8 @@ def raw_consume(client: str, bootstrap: str, topic: str, n: int) -> dict[str, fl
             c.assign([ck.TopicPartition(topic, i, ck.OFFSET_BEGINNING) for i in range(PARTITIONS)])
             t0 = time.perf_counter()
             while got < n:
-                for m in c.consume(5000, 1.0):
+                # ask for what is left: consume(n, t) waits out t while fewer than n remain
+                for m in c.consume(min(5000, n - got), 1.0):
                     if m.error() is None:
                         _ = m.value()
                         got += 1

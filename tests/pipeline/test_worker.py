@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import pytest
@@ -433,6 +434,37 @@ def test_poll_columns_gives_the_records_poll_batch_gives(broker, client):
     assert rows == by_record and len(rows) == 60
     assert sorted((r.key, r.value) for r in rows if r.key and r.value) == sorted((k, v) for _, k, v in sent if k and v)
     assert sum(r.key is None for r in rows) == 9 and sum(r.value is None for r in rows) == 6
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_poll_returns_what_is_there_without_waiting_out_the_timeout(broker, client):
+    """Asking for a batch larger than what the topic holds returns the records there, not after the
+    poll timeout (librdkafka's consume(n, t) alone waits out t while fewer than n are queued: 0.5 s
+    at the end of every catch-up and on every batch of a slow stream); an empty topic still waits."""
+    from pipeline.kafka import make_assigned_consumer
+    from tests.pipeline.procs import produce_partitioned
+
+    topic = f"nowait-{uuid.uuid4().hex[:8]}"
+    produce_partitioned(broker.bootstrap, topic, [(0, b"k", b"v%d" % i) for i in range(7)], 1)
+    c = make_assigned_consumer(client, broker.bootstrap, [topic], None)
+    try:
+        got: list = []
+        while len(got) < 7:  # the first fetch after connecting may come back before the data
+            got += c.poll_columns(5000, 30_000).records()
+        t = time.monotonic()
+        empty = c.poll_columns(5000, 1_000)
+        waited = time.monotonic() - t
+        produce_partitioned(broker.bootstrap, topic, [(0, b"k", b"w%d" % i) for i in range(3)], 1)
+        t = time.monotonic()
+        more = c.poll_columns(5000, 30_000).records()
+        more_s = time.monotonic() - t
+    finally:
+        c.close()
+    assert [r.value for r in got] == [b"v%d" % i for i in range(7)]
+    assert len(empty) == 0 and waited >= 0.5  # nothing there: the poll waits (about its timeout)
+    assert more and [r.value for r in more] == [b"w%d" % i for i in range(len(more))]
+    assert more_s < 15, f"a poll for 5,000 records with 3 there took {more_s:.1f}s: it sat out the timeout"
 
 
 def test_gc_threshold_is_raised_while_workers_run_and_restored_after():
