@@ -226,6 +226,12 @@ def worker_run(client: str, bootstrap: str, topic: str, store: str, n: int, args
             "commits": stats.commits, "samples": stats.samples, "dead_letters": stats.dead_letters}
 
 
+def _in_child(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` in a freshly spawned process; its result back here."""
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
 def bench_worker(args: argparse.Namespace, redis: Redis | None) -> None:
     log(f"generating {args.events} events over {args.users} users")
     events = make_events(args.events, args.users)
@@ -246,9 +252,11 @@ def bench_worker(args: argparse.Namespace, redis: Redis | None) -> None:
                 tmp = tempfile.mkdtemp(prefix="bench-store-")
                 try:
                     store = f"lmdb://{tmp}/store" if backend == "lmdb" else redis.uri()  # type: ignore[union-attr]
-                    raw = raw_consume(client, broker.bootstrap, topic, n)
+                    # each in a fresh process, as a worker runs: nothing left over from an earlier
+                    # line (warm id caches, a grown heap, a closed client's threads) changes the next
+                    raw = _in_child(raw_consume, client, broker.bootstrap, topic, n)
                     log(f"{client}: raw {raw['raw_events_per_s']:.0f} ev/s; worker on {backend}...")
-                    w = worker_run(client, broker.bootstrap, topic, store, n, args)
+                    w = _in_child(worker_run, client, broker.bootstrap, topic, store, n, args)
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
                 emit({"bench": "worker", "client": client, "backend": backend, "events": n, "users": args.users,
