@@ -657,7 +657,7 @@ def _typed_hashes(vals: Sequence[Any]) -> np.ndarray:
 
 def _typed_batch(values: list[bytes | None], partition: np.ndarray, offset: np.ndarray) -> DecodedBatch | None:
     """Decode and validate a whole batch of plain events with msgspec, one C call per record and
-    C-level maps per column; None (use the other paths) when any record is anything else.
+    one C-level transposition into columns; None (use the other paths) when any record is anything else.
 
     Per record, so no batch-level framing argument is needed (contrast :func:`_parse_flat_group`).
     The decode tests compare it with the one-record json reference over hostile and arbitrary
