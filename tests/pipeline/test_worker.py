@@ -467,6 +467,47 @@ def test_poll_returns_what_is_there_without_waiting_out_the_timeout(broker, clie
     assert more_s < 15, f"a poll for 5,000 records with 3 there took {more_s:.1f}s: it sat out the timeout"
 
 
+@pytest.mark.kafka
+def test_kafka_python_producer_partitions_keys_as_the_default_partitioner(broker):
+    """The kafka-python producer adapter picks each key's partition itself (cached murmur2, no
+    partitioner call per send); every key must land where kafka-python's own default partitioner
+    puts it, keyless records too must arrive, and a topic's partition list is re-read after flush."""
+    from kafka import KafkaConsumer, KafkaProducer
+
+    from pipeline.broker import create_topics
+    from pipeline.kafka import make_producer
+
+    ours, theirs = (f"part-{w}-{uuid.uuid4().hex[:8]}" for w in ("ours", "theirs"))
+    create_topics(broker.bootstrap, {ours: 5, theirs: 5})
+    keys = [b"u%d" % i for i in range(300)] + ["ключ-%d" % i for i in range(20)]  # non-ASCII bytes too
+    keys = [k if isinstance(k, bytes) else k.encode() for k in keys]
+    p = make_producer("kafka-python", broker.bootstrap)
+    for rep in range(2):  # the second round hits the hash cache
+        for k in keys:
+            p.send(ours, k, b"v%d" % rep)
+        p.send(ours, None, b"keyless")
+        p.flush()
+    p.close()
+    ref = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=20)
+    for k in keys:
+        ref.send(theirs, key=k, value=b"v")
+    ref.flush()
+    ref.close()
+
+    def where(topic, n):
+        c = KafkaConsumer(topic, bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest",
+                          enable_auto_commit=False, consumer_timeout_ms=10_000)
+        got = [(m.key, m.partition) for _, (m) in zip(range(n), c)]
+        c.close()
+        return got
+
+    got_ours, got_theirs = where(ours, 2 * len(keys) + 2), dict(where(theirs, len(keys)))
+    assert len(got_ours) == 2 * len(keys) + 2 and len(got_theirs) == len(keys)
+    assert sum(k is None for k, _ in got_ours) == 2
+    assert {(k, part) for k, part in got_ours if k is not None} == set(got_theirs.items())
+    assert len(set(got_theirs.values())) == 5  # the keys do spread: the comparison means something
+
+
 def test_gc_threshold_is_raised_while_workers_run_and_restored_after():
     import gc
     import threading
