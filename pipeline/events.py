@@ -47,6 +47,8 @@ BEHAVIOR, IMPRESSION, CLICK = 0, 1, 2
 #: Larger messages are rejected: a behavior event is ~150 bytes; 64 KiB leaves room for context
 #: maps while keeping one hostile record from bloating a batch.
 MAX_EVENT_BYTES = 64 * 1024
+#: Action names longer than this are rejected (an unknown name of at most this length is "other").
+MAX_ACTION_CHARS = 32
 #: Ids longer than this are rejected (they are hashed anyway; a 1 MB "id" is an attack or a bug).
 MAX_ID_CHARS = 256
 #: Event time must fall in [2000-01-01, 2100-01-01) in ms: catches seconds-vs-ms mix-ups and garbage.
@@ -61,6 +63,10 @@ try:  # optional: decodes AND validates the common event shape in C (see _typed_
     import msgspec as _msgspec
 except ImportError:  # pragma: no cover - depends on the environment
     _msgspec = None  # type: ignore[assignment]
+try:  # optional: the C fast path of the typed decode (pipeline/_fastdecode.c, built by the install)
+    from pipeline import _fastdecode
+except ImportError:  # pragma: no cover - no C compiler where it was installed
+    _fastdecode = None  # type: ignore[assignment]
 _DIGITS_TO_0 = bytes.maketrans(b"123456789", b"000000000")  # then a run of 19 digits is a substring search
 _DIGITS_19 = b"0" * 19
 
@@ -591,7 +597,7 @@ if _msgspec is not None:
         item_id: _IdStr | _Int64
         ts: Annotated[int, _msgspec.Meta(ge=MIN_TS_MS, lt=MAX_TS_MS)]
         category_id: _IdStr | _Int64 | None = None
-        action: Annotated[str, _msgspec.Meta(max_length=32)] | _msgspec.UnsetType = _msgspec.UNSET
+        action: Annotated[str, _msgspec.Meta(max_length=MAX_ACTION_CHARS)] | _msgspec.UnsetType = _msgspec.UNSET
         request_id: _IdStr | None = None
 
     _decode_plain = _msgspec.json.Decoder(_PlainEvent).decode
@@ -656,15 +662,25 @@ def _typed_hashes(vals: Sequence[Any]) -> np.ndarray:
 
 
 def _typed_batch(values: list[bytes | None], partition: np.ndarray, offset: np.ndarray) -> DecodedBatch | None:
-    """Decode and validate a whole batch of plain events with msgspec, one C call per record and
-    one C-level transposition into columns; None (use the other paths) when any record is anything else.
+    """Decode and validate a whole batch of plain events; None (use the other paths) when any
+    record is anything else.
 
-    Per record, so no batch-level framing argument is needed (contrast :func:`_parse_flat_group`).
-    The decode tests compare it with the one-record json reference over hostile and arbitrary
-    records, and assert it is taken for the benchmark stream.
+    Two decoders, the same result: the C fast path (:mod:`pipeline._fastdecode`, when built) takes
+    the common shape (ASCII strings without escapes, integers of at most 18 digits) straight to
+    columns; when it declines a batch, msgspec decodes it, one C call per record and one C-level
+    transposition into columns. Per record, so no batch-level framing argument is needed (contrast
+    :func:`_parse_flat_group`). The decode tests compare both with the one-record json reference
+    over hostile and arbitrary records, and assert the C path is taken for the benchmark stream.
     """
     n = len(values)
     if not n:
+        return None
+    if _fastdecode is not None and values.__class__ is list:
+        cols = _fastdecode.decode_plain(values, MAX_EVENT_BYTES, MAX_ID_CHARS, MAX_ACTION_CHARS, MIN_TS_MS,
+                                        MAX_TS_MS)
+        if cols is not None:
+            return _c_typed_batch(cols, partition, offset)
+    if _msgspec is None:
         return None
     try:
         if max(map(len, values)) > MAX_EVENT_BYTES:  # type: ignore[arg-type]  # also TypeError on a null value
@@ -675,23 +691,46 @@ def _typed_batch(values: list[bytes | None], partition: np.ndarray, offset: np.n
     # the columns, transposed in C (one tuple per field, in _PlainEvent's order): about a third of
     # the cost of one attribute map per field
     types, users, items, ts, cats, actions, rids = zip(*map(_astuple, objs))
-    kind = np.fromiter(map(EVENT_TYPES.__getitem__, types), np.uint8, n)
+    return _typed_columns(
+        np.fromiter(map(EVENT_TYPES.__getitem__, types), np.uint8, n), users, _typed_hashes(users), items,
+        _typed_hashes(items), np.fromiter(ts, np.int64, n), cats, _typed_hashes(cats),
+        np.fromiter(map(_ACTION_CODE.get, actions, repeat(ACTIONS["other"])), np.uint8, n), rids, partition, offset)
+
+
+def _c_typed_batch(cols: tuple[Any, ...], partition: np.ndarray, offset: np.ndarray) -> DecodedBatch | None:
+    kind_b, users, users_i, items, items_i, ts_b, cats, cats_i, action_b, rids = cols
+    return _typed_columns(
+        np.frombuffer(kind_b, np.uint8), users, _native_hashes(users, users_i), items, _native_hashes(items, items_i),
+        np.frombuffer(ts_b, np.int64), cats, _native_hashes(cats, cats_i), np.frombuffer(action_b, np.uint8), rids,
+        partition, offset)
+
+
+def _native_hashes(vals: Sequence[Any], ints: bytes | None) -> np.ndarray:
+    """Hashes of a C-decoded id column: from its native int64 copy when every id is an integer."""
+    return _typed_hashes(vals) if ints is None else _int_id_hashes(np.frombuffer(ints, np.int64))
+
+
+def _typed_columns(kind: np.ndarray, users: Sequence[Any], user: np.ndarray, items: Sequence[Any], item: np.ndarray,
+                   ts: np.ndarray, cats: Sequence[Any], cat: np.ndarray, action: np.ndarray, rids: Sequence[Any],
+                   partition: np.ndarray, offset: np.ndarray) -> DecodedBatch | None:
+    """The checks that span fields, and the batch; ``action`` 0 is absent (the default by kind),
+    and is filled in place."""
+    n = len(kind)
     if kind.any():  # impressions need a category; impressions and clicks a request id
         if None in cats and None in [cats[i] for i in np.flatnonzero(kind == IMPRESSION).tolist()]:
             return None
         if None in rids and None in [rids[i] for i in np.flatnonzero(kind).tolist()]:
             return None
-    action = np.fromiter(map(_ACTION_CODE.get, actions, repeat(ACTIONS["other"])), np.uint8, n)
     absent = action == 0
     if absent.any():
         action[absent] = np.where(kind[absent] == CLICK, ACTIONS["click"], ACTIONS["view"])
     return DecodedBatch(
         kind=kind,
-        user=_typed_hashes(users),
-        item=_typed_hashes(items),
-        category=_typed_hashes(cats),
+        user=user,
+        item=item,
+        category=cat,
         action=action,
-        ts=np.fromiter(ts, np.int64, n),
+        ts=ts,
         request_id=rids,
         user_id=users,
         item_id=items,
@@ -705,15 +744,15 @@ def _typed_batch(values: list[bytes | None], partition: np.ndarray, offset: np.n
 def decode_batch(records: Sequence[RawRecord] | RecordBatch) -> tuple[DecodedBatch, list[DeadLetter]]:
     """Decode and validate a batch. Never raises on bad data: bad records become DeadLetters.
 
-    When every record is a plain valid event, msgspec (when installed) parses and validates them
-    in C (:func:`_typed_batch`). Otherwise the JSON of a whole batch is parsed by one ``json.loads``
+    When every record is a plain valid event, C code parses and validates them (:func:`_typed_batch`:
+    the fast path of :mod:`pipeline._fastdecode`, else msgspec). Otherwise the JSON of a whole batch is parsed by one ``json.loads``
     when every record is a flat object (see :func:`_parse_flat_group` for why that is exactly the
     per-record result), else in groups and one by one. Validation then runs column-wise over the
     whole batch when every record is a plain valid event (:func:`_columnar`), else row by row: a
     short path for the common shape (:func:`_fast`) and the full one, which words the DLQ reason,
     for the rest.
     """
-    if len(records) and _msgspec is not None:
+    if len(records) and (_msgspec is not None or _fastdecode is not None):
         if isinstance(records, RecordBatch):
             values, parts, offs = records.value, records.partition, records.offset
         else:

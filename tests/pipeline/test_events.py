@@ -183,16 +183,28 @@ def test_batch_parse_is_the_same_with_and_without_orjson(seed, n_good, n_bad):
         ev._orjson = saved
 
 
-# ---- the optional msgspec path (pipeline.events._typed_batch) gives the reference's result --------
+# ---- the typed paths (pipeline.events._typed_batch: C fast path, msgspec) give the reference's result
 
-def _without_msgspec(fn):
+def _without(fn, *paths):
+    """``fn()`` with the named optional decoders of pipeline.events switched off."""
     from pipeline import events as ev
 
-    saved, ev._msgspec = ev._msgspec, None
+    saved = {p: getattr(ev, p) for p in paths}
     try:
+        for p in paths:
+            setattr(ev, p, None)
         return fn()
     finally:
-        ev._msgspec = saved
+        for p, v in saved.items():
+            setattr(ev, p, v)
+
+
+def _without_msgspec(fn):  # neither typed decoder: the C fast path is the typed path's too
+    return _without(fn, "_msgspec", "_fastdecode")
+
+
+def _without_c(fn):
+    return _without(fn, "_fastdecode")
 
 
 @pytest.mark.parametrize("value", [
@@ -206,7 +218,7 @@ def _without_msgspec(fn):
 def test_typed_path_edge_values_decode_like_the_reference(value):
     recs = [rec(enc(event()), 0), rec(enc(event(**value)), 1), rec(enc(event(user="u2")), 2)]
     assert batch_decode(recs) == reference_decode(recs)
-    assert _without_msgspec(lambda: batch_decode(recs)) == batch_decode(recs)
+    assert _without_msgspec(lambda: batch_decode(recs)) == _without_c(lambda: batch_decode(recs)) == batch_decode(recs)
 
 
 def test_typed_path_duplicate_keys_last_wins_like_json():
@@ -236,6 +248,158 @@ def test_batch_decode_is_the_same_with_and_without_msgspec(seed, n_good, n_bad):
 
     recs = [rec(v, i) for i, (_, v, _) in enumerate(hostile_records(seed, n_good, n_bad))]
     assert batch_decode(recs) == _without_msgspec(lambda: batch_decode(recs)) == reference_decode(recs)
+    assert _without_c(lambda: batch_decode(recs)) == reference_decode(recs)
+
+
+# ---- the C fast path (pipeline/_fastdecode.c): a subset of the msgspec path, the same values ------
+
+def _fastdecode():
+    from pipeline import events as ev
+
+    assert ev._fastdecode is not None, "pipeline._fastdecode is built by the install (setup.py): make venv"
+    return ev._fastdecode
+
+
+def _c_accepts(values):
+    from pipeline import events as ev
+
+    return _fastdecode().decode_plain(values, ev.MAX_EVENT_BYTES, ev.MAX_ID_CHARS, ev.MAX_ACTION_CHARS,
+                                      ev.MIN_TS_MS, ev.MAX_TS_MS) is not None
+
+
+_GOOD = enc(event())
+_T = b'"type":"behavior","item_id":1,"ts":1767225600000'
+
+
+@pytest.mark.parametrize("value,accepted", [
+    # the shapes it takes
+    (b'{"type":"behavior","user_id":7,"item_id":1,"ts":1767225600000}', True),
+    (b' {\t"type" : "behavior",\n"user_id":"u7" ,\r"item_id":1,"ts":1767225600000 } \n', True),
+    (b'{"ts":1767225600000,"item_id":-0,"user_id":-12,"type":"click","request_id":"r1","action":"buy"}', True),
+    (b'{' + _T + b',"user_id":999999999999999999}', True),  # 18 digits
+    (b'{' + _T + b',"user_id":-999999999999999999}', True),
+    (b'{' + _T + b',"user_id":"' + b"u" * 256 + b'"}', True),
+    (b'{' + _T + b',"user_id":1,"action":"' + b"x" * 32 + b'"}', True),
+    (b'{' + _T + b',"user_id":1,"action":""}', True),
+    (b'{' + _T + b',"user_id":1,"category_id":null,"request_id":null}', True),
+    (b'{' + _T + b',"user_id":" ~!#$%&()*+,-./:;<=>?@[]^_`{|}"}', True),  # printable ASCII, JSON-looking
+    (b'{"type":"behavior","user_id":1,"item_id":1,"ts":946684800000}', True),  # the first valid ms
+    (b'{"type":"behavior","user_id":1,"item_id":1,"ts":4102444799999}', True),  # the last
+    # what it leaves to msgspec (valid or not: the result is msgspec's)
+    (b'{' + _T + b',"user_id":1000000000000000000}', False),  # 19 digits
+    (b'{' + _T + b',"user_id":9223372036854775808}', False),
+    (b'{' + _T + b',"user_id":01}', False),
+    (b'{' + _T + b',"user_id":-}', False),
+    (b'{' + _T + b',"user_id":1.0}', False),
+    (b'{' + _T + b',"user_id":1e3}', False),
+    (b'{' + _T + b',"user_id":1E3}', False),
+    (b'{' + _T + b',"user_id":true}', False),
+    (b'{' + _T + b',"user_id":null}', False),
+    (b'{' + _T + b',"user_id":""}', False),
+    (b'{' + _T + b',"user_id":"' + b"u" * 257 + b'"}', False),
+    (b'{' + _T + b',"user_id":"u\\u0031"}', False),  # an escape
+    (b'{' + _T + b',"user_id":"u\\"x"}', False),
+    (b'{' + _T + b',"user_id":"\xc3\xa9"}', False),  # UTF-8
+    (b'{' + _T + b',"user_id":"a\tb"}', False),  # a raw control character: invalid JSON
+    (b'{' + _T + b',"user_id":"\x7f"}', False),
+    (b'{' + _T + b',"user_id":[1]}', False),
+    (b'{' + _T + b',"user_id":{"a":1}}', False),
+    (b'{' + _T + b',"user_id":1,"action":"' + b"x" * 33 + b'"}', False),
+    (b'{' + _T + b',"user_id":1,"action":null}', False),
+    (b'{' + _T + b',"user_id":1,"request_id":""}', False),
+    (b'{' + _T + b',"user_id":1,"context":{}}', False),
+    (b'{' + _T + b',"user_id":1,"x":1}', False),
+    (b'{' + _T + b',"user_id":1,"user_id":2}', False),  # a repeated field
+    (b'{"\\u0074ype":"behavior","user_id":1,"item_id":1,"ts":1767225600000}', False),
+    (b'{"type":"Behavior","user_id":1,"item_id":1,"ts":1767225600000}', False),
+    (b'{"type":"behavior","user_id":1,"item_id":1,"ts":946684799999}', False),
+    (b'{"type":"behavior","user_id":1,"item_id":1,"ts":4102444800000}', False),
+    (b'{"type":"behavior","user_id":1,"item_id":1,"ts":"1767225600000"}', False),
+    (b'{"type":"behavior","user_id":1,"item_id":1}', False),
+    (b'{"type":"behavior","user_id":1,"ts":1767225600000}', False),
+    (b'{' + _T + b',"user_id":1,}', False),
+    (b'{' + _T + b',"user_id":1', False),
+    (b'{' + _T + b',"user_id":1}}', False),
+    (b'{' + _T + b',"user_id":1} x', False),
+    (b'{' + _T + b',"user_id":1}' + _GOOD, False),
+    (b'{' + _T + b' "user_id":1}', False),
+    (b'{' + _T + b',"user_id" 1}', False),
+    (b'{' + _T + b',"user_id":nul}', False),
+    (b'{}', False), (b'', False), (b'[]', False), (b'"a"', False), (b'null', False), (b'{', False),
+])
+def test_c_fast_path_takes_the_plain_shape_and_leaves_the_rest_with_the_same_result(value, accepted):
+    """Alone and beside good records, through the C path, msgspec alone, and the reference: one
+    answer. And it is the C path that answers exactly where it should."""
+    assert _c_accepts([value]) == accepted
+    assert not _c_accepts([_GOOD, value, _GOOD]) or accepted
+    for recs in ([rec(value, 0)], [rec(_GOOD, 0), rec(value, 1), rec(_GOOD, 2)]):
+        expect = reference_decode(recs)
+        assert batch_decode(recs) == expect
+        assert _without_c(lambda: batch_decode(recs)) == expect  # noqa: B023
+
+
+def test_c_fast_path_declines_what_is_not_a_list_of_bytes():
+    from pipeline import events as ev
+
+    assert not _c_accepts([_GOOD, None]) and not _c_accepts([_GOOD, bytearray(_GOOD)])
+    assert not _c_accepts([b"{" + _T + b',"user_id":"' + b"u" * ev.MAX_EVENT_BYTES + b'"}'])
+    assert _c_accepts([]) and _c_accepts([_GOOD] * 3)
+    with pytest.raises(TypeError):
+        _c_accepts((_GOOD,))
+
+
+@settings(max_examples=300, deadline=None)
+@given(obj=st.dictionaries(
+    st.sampled_from(["type", "user_id", "item_id", "category_id", "action", "ts", "request_id", "x"]),
+    st.one_of(st.none(), st.booleans(), st.integers(-10**19, 10**19), st.integers(-3, 3), st.floats(),
+              st.text(max_size=4), st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=3),
+              st.sampled_from(["behavior", "impression", "click", "view", "buy", "fav", "cart", "other"]),
+              st.integers(946_684_799_999, 946_684_800_001), st.integers(4_102_444_799_999, 4_102_444_800_000)),
+    min_size=3, max_size=8),
+    compact=st.booleans())
+def test_any_object_decodes_alike_through_the_c_path(obj, compact):
+    v = json.dumps(obj, separators=(",", ":") if compact else (", ", ": "), ensure_ascii=False).encode()
+    recs = [rec(v, 0)]
+    assert batch_decode(recs) == _without_c(lambda: batch_decode(recs)) == reference_decode(recs)
+
+
+def test_plain_stream_takes_the_c_path(monkeypatch):
+    """The benchmark's stream (the synthetic generator's events) never reaches msgspec."""
+    from pipeline import events as ev
+    from pipeline.datasets.synthetic import SyntheticConfig, generate
+
+    _fastdecode()
+    evs = list(generate(SyntheticConfig(users=30, behaviors_per_user=20, impressions_per_user=6, seed=1)).events)
+    recs = [rec(json.dumps(e, separators=(",", ":")).encode(), i) for i, e in enumerate(evs)]
+    assert {e["type"] for e in evs} == {"behavior", "impression", "click"}
+    expect = reference_decode(recs)
+    monkeypatch.setattr(ev, "_decode_plain", lambda v: pytest.fail("msgspec used"))
+    monkeypatch.setattr(ev, "_parse_all", lambda values: pytest.fail("generic parse used"))
+    assert batch_decode(recs) == expect
+
+
+def test_c_fast_path_does_not_leak():
+    """References in C: decoded batches and batches declined half-way leave nothing behind."""
+    import gc
+    import tracemalloc
+
+    good = [enc(event("impression", user=f"u{i}", request_id=f"r{i}", category_id=i)) for i in range(200)]
+    declined = good[:150] + [b'{"type":"behavior","user_id":"u","item_id":1.5,"ts":1767225600000}'] + good[150:]
+
+    def run():
+        for _ in range(200):
+            _c_accepts(good)
+            _c_accepts(declined)
+
+    run()
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    run()
+    gc.collect()
+    grown = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert grown < 64 * 1024, f"{grown} bytes left after 400 decodes"
 
 
 def test_record_batch_round_trip_take_and_lazy_keys():
