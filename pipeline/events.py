@@ -744,10 +744,11 @@ def _typed_columns(kind: np.ndarray, users: Sequence[Any], user: np.ndarray, ite
 def decode_batch(records: Sequence[RawRecord] | RecordBatch) -> tuple[DecodedBatch, list[DeadLetter]]:
     """Decode and validate a batch. Never raises on bad data: bad records become DeadLetters.
 
-    When every record is a plain valid event, C code parses and validates them (:func:`_typed_batch`:
-    the fast path of :mod:`pipeline._fastdecode`, else msgspec). Otherwise the JSON of a whole batch is parsed by one ``json.loads``
-    when every record is a flat object (see :func:`_parse_flat_group` for why that is exactly the
-    per-record result), else in groups and one by one. Validation then runs column-wise over the
+    When every record is a plain valid event, C code parses and validates them
+    (:func:`_typed_batch`: the fast path of :mod:`pipeline._fastdecode`, else msgspec). Otherwise
+    the JSON of a whole batch is parsed by one ``json.loads`` when every record is a flat object
+    (see :func:`_parse_flat_group` for why that is exactly the per-record result), else in groups
+    and one by one. Validation then runs column-wise over the
     whole batch when every record is a plain valid event (:func:`_columnar`), else row by row: a
     short path for the common shape (:func:`_fast`) and the full one, which words the DLQ reason,
     for the rest.
