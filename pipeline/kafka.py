@@ -85,8 +85,44 @@ class _KafkaPythonConsumer:
 
         self._c.subscribe(list(topics), listener=_L())
 
+    #: While the broker is unreachable, at most one warning per this many seconds (with a count).
+    OUTAGE_WARN_EVERY_S = 10.0
+    _outage_errors = 0
+    _outage_warned_at = float("-inf")
+
+    def _poll(self, max_records: int, timeout_ms: int) -> dict:  # type: ignore[type-arg]
+        """``KafkaConsumer.poll``, riding out a broker outage: an empty poll instead of a raise.
+
+        kafka-python 3.0 lets a retriable error escape ``poll`` when the broker goes away at the wrong
+        moment (a group-coordinator lookup fails on the connection, the metadata refresh it then
+        waits for fails the same way, and only a timeout is caught there). Retrying is what the client
+        does everywhere else, so it is done here: the error is logged (once per
+        ``OUTAGE_WARN_EVERY_S``, with a count), the call sleeps a little of its timeout so a dead broker
+        is not spun on, and the next poll starts the client's reconnect again. A non-retriable error
+        (bad configuration, authorisation) still raises.
+        """
+        from kafka.errors import KafkaError
+
+        try:
+            polled = self._c.poll(timeout_ms=timeout_ms, max_records=max_records)
+        except KafkaError as e:
+            if not e.retriable:
+                raise
+            self._outage_errors += 1
+            now = time.monotonic()
+            if now - self._outage_warned_at >= self.OUTAGE_WARN_EVERY_S:
+                log.warning("broker unreachable, retrying (%d poll error(s) so far): %s", self._outage_errors, e)
+                self._outage_warned_at = now
+            time.sleep(min(timeout_ms, 200) / 1000)
+            return {}
+        if self._outage_errors:
+            log.info("broker reachable again (after %d poll error(s))", self._outage_errors)
+            self._outage_errors = 0
+            self._outage_warned_at = float("-inf")
+        return polled
+
     def poll_batch(self, max_records: int, timeout_ms: int) -> list[RawRecord]:
-        polled = self._c.poll(timeout_ms=timeout_ms, max_records=max_records)
+        polled = self._poll(max_records, timeout_ms)
         out: list[RawRecord] = []
         for tp, recs in polled.items():
             # C-level maps over the records' fields, no Python frame per record
@@ -96,7 +132,7 @@ class _KafkaPythonConsumer:
 
     def poll_columns(self, max_records: int, timeout_ms: int) -> RecordBatch:
         """One batch as columns (the worker's hot path); all its records must come from one topic."""
-        polled = self._c.poll(timeout_ms=timeout_ms, max_records=max_records)
+        polled = self._poll(max_records, timeout_ms)
         topic = RecordBatch.only_topic({tp.topic for tp in polled})
         values: list[bytes | None] = []
         offsets: list[int] = []

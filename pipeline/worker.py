@@ -42,11 +42,14 @@ Policies (tested in ``tests/pipeline/test_worker.py``):
 * **Fencing.** Every commit carries the offsets this worker believes are stored. If another worker
   committed the partition in between (a rebalance this worker has not seen yet), the commit is
   refused whole; the worker reloads the partition's state and seeks to the stored offset.
-* **Broker outage.** The clients reconnect on their own; the group rejoin re-assigns partitions
+* **Broker outage.** The clients reconnect on their own (a retriable error that kafka-python lets
+  escape ``poll`` is retried by the adapter, not raised); the group rejoin re-assigns partitions
   and the worker seeks to its stored offsets, whatever the broker remembers. If the broker comes
   back with a log shorter than the stored offsets (it lost data, or is still being refilled), the
   client resets to the earliest offset and the records below the stored offsets are dropped as
-  above (with a warning): the committed state is never rolled back or doubled.
+  above (with a warning): the committed state is never rolled back or doubled. A delivery the
+  producer gives up on (its retries and delivery timeout spent) fails the flush: the open checkpoint
+  is discarded, nothing of it stored, and the worker exits 1 for its supervisor to restart it.
 * **SIGTERM/SIGINT** finish the current batch, commit it, and exit 0.
 """
 

@@ -105,6 +105,16 @@ def stored_offsets(store_uri: str, group: str) -> dict[tuple[str, int], int]:
         s.close()
 
 
+def log_tail(log: Path, n: int = 3000) -> str:
+    """The end of a worker's log for an assertion message, with the head of its first traceback
+    (where in our code it started; a deep client traceback otherwise pushes that out of the tail)."""
+    text = log.read_text(errors="replace")
+    i = text.find("Traceback (most recent call last)")
+    if i < 0 or i >= len(text) - n:
+        return text[-n:]
+    return text[i:i + 1500] + "\n[...]\n" + text[-n:]
+
+
 def wait_for(pred: Any, timeout: float, every: float = 0.05, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not pred():

@@ -25,6 +25,7 @@ from tests.pipeline.hostile import hostile_value
 from tests.pipeline.procs import (
     ROOT,
     layout,
+    log_tail,
     oracle_digest,
     produce_partitioned,
     sample_set,
@@ -89,7 +90,7 @@ def chaos_stream(broker, tmp_path_factory):
     argv = worker_argv(broker.bootstrap, topic, group, ref_store, exit_when_idle=3, max_poll_records=2000)
     argv[1:3] = ["-m", "pipeline.cli", "worker"]
     p = start_worker(argv, tmp / "reference.log")
-    assert p.wait(300) == 0, (tmp / "reference.log").read_text()[-3000:]
+    assert p.wait(300) == 0, log_tail(tmp / "reference.log")
     with open_store(ref_store, readonly=True) as s:
         ref_digest = s.digest()
     return {"topic": topic, "group": group, "parts": parts, "raw": raw, "ref_digest": ref_digest,
@@ -136,7 +137,7 @@ def test_sigkill_chaos_ends_in_the_uninterrupted_state(chaos_stream, broker, tmp
         done = now
     assert kills >= KILLS, f"only {kills} kills landed mid-stream"
     p = start_worker(argv, log)  # the last run finishes the stream
-    assert p.wait(300) == 0, log.read_text()[-3000:]
+    assert p.wait(300) == 0, log_tail(log)
     with open_store(uri, readonly=True) as s:
         assert total(s.offsets(c["group"])) == c["n"]
         assert s.digest() == c["ref_digest"]
@@ -207,14 +208,14 @@ def test_broker_restart_worker_reconnects_and_keeps_its_state(tmp_path):
         before.close()
         b1.stop()
         time.sleep(4)  # the worker keeps running, its clients retrying
-        assert p.poll() is None, log.read_text()[-3000:]
+        assert p.poll() is None, log_tail(log)
         assert total(stored_offsets(uri, group)) == len(first)
         b2 = EmbeddedBroker(port=port).start()
         try:
             produce_partitioned(b2.bootstrap, topic, recs, parts, extra)  # the old log again, then new records
             wait_for(lambda: total(stored_offsets(uri, group)) == len(recs), 120, what="second part consumed")
             p.send_signal(signal.SIGTERM)
-            assert p.wait(60) == 0, log.read_text()[-3000:]
+            assert p.wait(60) == 0, log_tail(log)
         finally:
             b2.stop()
     finally:
@@ -240,7 +241,7 @@ def test_sigterm_finishes_the_batch_commits_and_exits_0(broker, tmp_path):
     wait_for(lambda: total(stored_offsets(uri, group)) > 0, 90, what="progress")
     time.sleep(0.05)  # a few more batches into the next checkpoint
     p.send_signal(signal.SIGTERM)
-    assert p.wait(30) == 0, log.read_text()[-3000:]
+    assert p.wait(30) == 0, log_tail(log)
     assert '{"worker": {' in log.read_text()
     at_stop = stored_offsets(uri, group)
     assert 0 < total(at_stop) < len(recs)  # stopped mid-stream...

@@ -468,6 +468,51 @@ def test_poll_returns_what_is_there_without_waiting_out_the_timeout(broker, clie
 
 
 @pytest.mark.kafka
+def test_kafka_python_consumer_rides_out_a_retriable_error_escaping_poll(broker, caplog):
+    """kafka-python 3.0's ``poll`` can raise a retriable error when the broker goes away at the wrong
+    moment (seen once in CI: a coordinator lookup and the metadata refresh behind it both failed on
+    the connection, and the worker died). That interleaving cannot be produced on demand, so the
+    client's ``poll`` is made to raise the very error CI saw, twice, in front of a real consumer on a
+    real broker: the adapter returns empty polls, warns once, then delivers every record; a
+    non-retriable error still raises."""
+    import logging
+
+    from kafka.errors import IllegalStateError, KafkaConnectionError
+
+    from pipeline.kafka import make_consumer
+    from tests.pipeline.procs import produce_partitioned
+
+    topic = f"outage-{uuid.uuid4().hex[:8]}"
+    produce_partitioned(broker.bootstrap, topic, [(0, b"k", b"v%d" % i) for i in range(5)], 1)
+    c = make_consumer("kafka-python", broker.bootstrap, [topic], f"g-{topic}", session_timeout_ms=6000)
+    real_poll, faults = c._c.poll, [KafkaConnectionError("111 ECONNREFUSED")] * 2  # type: ignore[attr-defined]
+
+    def flaky_poll(**kw):
+        if faults:
+            raise faults.pop()
+        return real_poll(**kw)
+
+    c._c.poll = flaky_poll  # type: ignore[attr-defined]
+    try:
+        with caplog.at_level(logging.INFO, logger="pipeline.kafka"):
+            first = [c.poll_columns(100, 300) for _ in range(2)]
+            got: list = []
+            deadline = time.monotonic() + 60
+            while len(got) < 5 and time.monotonic() < deadline:
+                got += c.poll_columns(100, 1000).records()
+        faults.append(IllegalStateError("not retriable"))
+        with pytest.raises(IllegalStateError):
+            c.poll_columns(100, 300)
+    finally:
+        c.close()
+    assert [len(b) for b in first] == [0, 0]
+    assert [r.value for r in got] == [b"v%d" % i for i in range(5)]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "broker unreachable" in warned[0] and "ECONNREFUSED" in warned[0]
+    assert any("reachable again (after 2 poll error(s))" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.kafka
 def test_kafka_python_producer_partitions_keys_as_the_default_partitioner(broker):
     """The kafka-python producer adapter picks each key's partition itself (cached murmur2, no
     partitioner call per send); every key must land where kafka-python's own default partitioner
