@@ -228,7 +228,8 @@ class RankerConfig:
         short = d.pop("short", None)
         features = FeatureSpec.from_dict(d.pop("features", {}))
         over = _from_fields(OverConfig, d.pop("over", {}))
-        return _from_fields(RankerConfig, {
+        config: RankerConfig = _from_fields(RankerConfig, {
             **d, "features": features, "over": over, "long": long,
             "short": None if short is None else _from_fields(DINConfig, short),
         })
+        return config

@@ -117,7 +117,9 @@ class DistContext:
             return module
         ids = [self.device.index] if self.device.type == "cuda" else None
         ddp: Any = nn.parallel.DistributedDataParallel  # keyword names differ across torch versions
-        return ddp(module, device_ids=ids, find_unused_parameters=True, **_no_forward_buffer_sync())
+        wrapped: nn.Module = ddp(module, device_ids=ids, find_unused_parameters=True,
+                                 **_no_forward_buffer_sync())
+        return wrapped
 
     def gather(self, obj: Any) -> list[Any] | None:
         """Every rank's ``obj`` on rank 0 (in rank order); None elsewhere."""

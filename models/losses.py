@@ -37,6 +37,9 @@ class RankerTrain(nn.Module):
         >>> assert loss.dim() == 0 and logits.shape == (2,)
     """
 
+    item_counts: torch.Tensor  # buffers, registered in __init__ only when config.mba_l2 > 0
+    category_counts: torch.Tensor
+
     def __init__(self, ranker: Ranker) -> None:
         super().__init__()
         self.ranker = ranker

@@ -19,10 +19,9 @@ for all candidates; the logits are identical to ``ranker(batch)``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from torch import nn
 
 from models.arch.attention import DiffuMINArch, DINAttention, DINLongArch
 from models.arch.layers import ItemEmbedding
@@ -31,6 +30,9 @@ from models.arch.sequence import DARESequenceArch, SDIMSequenceArch
 from models.base import BackendModule
 from models.config import DAREConfig, DiffuMINConfig, DINConfig, RankerConfig, SDIMConfig
 from models.features import Batch, FeatureSpec
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 __all__ = ["PRESETS", "Ranker", "build_ranker", "preset_config"]
 
@@ -53,8 +55,8 @@ _PRESET_PARTS: dict[str, dict[str, Any]] = {
 def _merge(current: Any, value: Any) -> Any:
     """A dict override on a dataclass field updates only the named sub-fields."""
     if isinstance(value, dict) and dataclasses.is_dataclass(current):
-        return dataclasses.replace(current, **{k: tuple(v) if isinstance(v, list) else v
-                                               for k, v in value.items()})
+        return dataclasses.replace(cast("DataclassInstance", current),
+                                   **{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
     return value
 
 
@@ -126,7 +128,7 @@ class Ranker(BackendModule):
             torch.manual_seed(config.seed)
             self.embedding = ItemEmbedding(config.features, config.embed_dim)
             self.short = None if config.short is None else DINAttention(d, config.short)
-            self.long: nn.Module | None = None
+            self.long: DINLongArch | SDIMSequenceArch | DARESequenceArch | DiffuMINArch | None = None
             long = config.long
             if isinstance(long, DINConfig):
                 self.long = DINLongArch(d, long)

@@ -18,12 +18,18 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import mlflow
 import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+
+if TYPE_CHECKING:
+    # `mlflow.pyfunc` is a LazyLoader attribute of `mlflow`, not a module, to a type checker
+    from mlflow.pyfunc.model import PythonModel as _PythonModel
+else:
+    _PythonModel = mlflow.pyfunc.PythonModel
 
 __all__ = [
     "LoadedModel",
@@ -48,7 +54,7 @@ CHALLENGER = "challenger"
 warnings.filterwarnings("ignore", message=".*type hint.*", category=UserWarning)  # MLflow, at class creation
 
 
-class RankerPyfunc(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+class RankerPyfunc(_PythonModel):
     """Scores a DataFrame with one row per (history, candidate).
 
     Columns: ``hist_item``, ``hist_category`` (lists of 63-bit hashed ids, oldest first),
@@ -210,7 +216,7 @@ def load_registered_ranker(name: str, alias: str = CHAMPION, tracking_uri: str |
         version = str(client.get_model_version_by_alias(name, alias).version)
     mv = client.get_model_version(name, version)
     with tempfile.TemporaryDirectory() as tmp:
-        local = client.download_artifacts(mv.run_id, "model", tmp)
+        local = client.download_artifacts(cast(str, mv.run_id), "model", tmp)
         ranker = load_ranker(Path(local) / "artifacts" / "ranker")
     ranker.eval()
     return LoadedModel(ranker, name, str(version), time.time())

@@ -25,7 +25,9 @@ def dare_search(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # out (B, dr), top_idx (B, K), weights (B, K)
     """DARE top-K soft search; see :mod:`triton_kernels.reference.dare_search`."""
     if resolve_backend("dare_search", backend, query.device) is Backend.TRITON:
-        return triton_module("dare_search").dare_search_triton(
+        launch = triton_module("dare_search").dare_search_triton
+        found: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = launch(
             query, keys, values, mask, user_index, pos_logits, top_k=top_k, upcast=upcast)
+        return found
     return reference.dare_search(query, keys, values, mask, user_index, pos_logits, top_k=top_k,
                                  upcast=upcast)

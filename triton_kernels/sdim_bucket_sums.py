@@ -22,6 +22,8 @@ def sdim_bucket_sums(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # sums (U, G, 2**τ, d), counts (U, G, 2**τ) int32
     """Per-user bucket table; see :mod:`triton_kernels.reference.sdim_bucket_sums`."""
     if resolve_backend("sdim_bucket_sums", backend, seq_emb.device) is Backend.TRITON:
-        return triton_module("sdim_bucket_sums").sdim_bucket_sums_triton(
+        launch = triton_module("sdim_bucket_sums").sdim_bucket_sums_triton
+        sums_counts: tuple[torch.Tensor, torch.Tensor] = launch(
             seq_emb, codes, mask, hash_bits=hash_bits, upcast=upcast)
+        return sums_counts
     return reference.sdim_bucket_sums(seq_emb, codes, mask, hash_bits=hash_bits, upcast=upcast)

@@ -22,6 +22,7 @@ def sdim_gather(
 ) -> torch.Tensor:  # (B, d)
     """ℓ2-normalised bucket gather, mean over groups; see :mod:`triton_kernels.reference.sdim_gather`."""
     if resolve_backend("sdim_gather", backend, sums.device) is Backend.TRITON:
-        return triton_module("sdim_gather").sdim_gather_triton(
+        out: torch.Tensor = triton_module("sdim_gather").sdim_gather_triton(
             sums, counts, cand_codes, user_index, upcast=upcast)
+        return out
     return reference.sdim_gather(sums, counts, cand_codes, user_index, upcast=upcast)

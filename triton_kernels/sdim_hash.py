@@ -22,7 +22,8 @@ def sdim_hash(
 ) -> torch.Tensor:  # (N, L, num_hashes) int64
     """SimHash codes; see :mod:`triton_kernels.reference.sdim_hash` for the math."""
     if resolve_backend("sdim_hash", backend, seq_emb.device) is Backend.TRITON:
-        return triton_module("sdim_hash").sdim_hash_triton(
+        codes: torch.Tensor = triton_module("sdim_hash").sdim_hash_triton(
             seq_emb, projection, num_hashes=num_hashes, hash_bits=hash_bits, upcast=upcast)
+        return codes
     return reference.sdim_hash(seq_emb, projection, num_hashes=num_hashes, hash_bits=hash_bits,
                                upcast=upcast)

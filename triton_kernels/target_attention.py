@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import torch
 
 from triton_kernels import reference
@@ -10,6 +12,18 @@ from triton_kernels.backend import Backend, resolve_backend
 from triton_kernels.reference.target_attention import Activation
 
 __all__ = ["target_attention"]
+
+
+class _Options(TypedDict):
+    """The keyword arguments shared by the reference op and the Triton launcher."""
+
+    activation: Activation
+    alpha: torch.Tensor | None
+    dice_mean: torch.Tensor | None
+    dice_var: torch.Tensor | None
+    dice_eps: float
+    softmax: bool
+    upcast: bool
 
 
 def target_attention(
@@ -32,9 +46,10 @@ def target_attention(
     backend: Backend = Backend.AUTO,
 ) -> torch.Tensor:  # (B, d)
     """Fused DIN activation unit + pooling; see :mod:`triton_kernels.reference.target_attention`."""
-    kwargs = dict(activation=activation, alpha=alpha, dice_mean=dice_mean, dice_var=dice_var,
-                  dice_eps=dice_eps, softmax=softmax, upcast=upcast)
+    kwargs: _Options = dict(activation=activation, alpha=alpha, dice_mean=dice_mean, dice_var=dice_var,
+                            dice_eps=dice_eps, softmax=softmax, upcast=upcast)
     if resolve_backend("target_attention", backend, query.device) is Backend.TRITON:
-        return triton_module("target_attention").target_attention_triton(
+        out: torch.Tensor = triton_module("target_attention").target_attention_triton(
             query, keys, mask, user_index, w1, b1, w2, b2, **kwargs)
+        return out
     return reference.target_attention(query, keys, mask, user_index, w1, b1, w2, b2, **kwargs)

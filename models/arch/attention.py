@@ -8,6 +8,7 @@ padding at the end, ``mask`` True on real behaviors), ``B`` candidate rows, ``us
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,9 @@ from models.base import BackendModule
 from models.config import DiffuMINConfig, DINConfig
 from models.features import Batch
 from triton_kernels import target_attention
+
+if TYPE_CHECKING:
+    from triton_kernels.reference.target_attention import Activation
 
 __all__ = ["DINAttention", "DINLongArch", "DiffuMINArch", "DiffusionDenoiser"]
 
@@ -72,7 +76,7 @@ class DINAttention(BackendModule):
             k = keys[:, ::step]  # (U, L', d)
             m = mask[:, ::step]  # (U, L')
             k = torch.where(m.unsqueeze(-1), k, torch.zeros((), dtype=k.dtype, device=k.device))
-            wq, wk, wd, wp = w1.split(self.dim, dim=0)  # each (d, H)
+            wq, wk, wd, wp = torch.split(w1, self.dim, dim=0)  # each (d, H)
             hq = query @ (wq + wd) + self.fc1.bias  # (B, H)
             k_b = k.index_select(0, user_index)  # (B, L', d)
             hidden = hq.unsqueeze(1) + k_b @ (wk - wd) + (query.unsqueeze(1) * k_b) @ wp  # (B, L', H)
@@ -92,8 +96,8 @@ class DINAttention(BackendModule):
         b2 = self.fc2.bias if self.fc2.bias is not None else query.new_zeros(1)
         return target_attention(
             query, keys, mask, user_index, w1, self.fc1.bias, self.fc2.weight.view(-1), b2,
-            activation=self.config.activation, alpha=alpha, dice_mean=mean, dice_var=var, dice_eps=eps,
-            softmax=self.config.softmax, backend=self.backend,
+            activation=cast("Activation", self.config.activation), alpha=alpha, dice_mean=mean, dice_var=var,
+            dice_eps=eps, softmax=self.config.softmax, backend=self.backend,
         )  # (B, d)
 
 
@@ -180,7 +184,7 @@ class DiffusionDenoiser(nn.Module):
     def forward(self, tokens: torch.Tensor, t: torch.Tensor, basis: torch.Tensor,
                 position: torch.Tensor) -> torch.Tensor:
         """tokens (N, c, d), t (N,), basis (N, d), position (N,) of the noised token → (N, d)."""
-        x = tokens + self.time(_sinusoidal(t, self.dim)).unsqueeze(1)  # (N, c, d)
+        x: torch.Tensor = tokens + self.time(_sinusoidal(t, self.dim)).unsqueeze(1)  # (N, c, d)
         for j, (sa, ffn) in enumerate(zip(self.self_attn, self.ffn, strict=True)):
             x = self.norms[3 * j](x + sa(x, x, x, need_weights=False)[0])
             cross = self.cross_out[j](self.cross_value[j](basis)).unsqueeze(1)  # (N, 1, d)
@@ -246,6 +250,9 @@ class DiffuMINArch(BackendModule):
         >>> out, aux = arch(arch.encode(torch.randn(1, 6, 8), batch), torch.randn(4, 8), batch)
         >>> assert out.shape == (4, 2 * 2 + 2 * 2 * 8)  # [log|r_c|, cos(r_c, e_s), r, r*]
     """
+
+    alphas_cumprod: torch.Tensor  # (T,) buffers, registered in __init__
+    sample_timesteps: torch.Tensor
 
     def __init__(self, dim: int, config: DiffuMINConfig) -> None:
         super().__init__()
@@ -327,7 +334,8 @@ class DiffuMINArch(BackendModule):
         b, c, d = x0.shape
         position = torch.arange(c, device=x0.device).repeat(b)  # (B·c,)
         basis = bases.transpose(1, 2).reshape(b * c, d)  # (B·c, d): o_i of each row
-        return self.denoiser(self._tokens(x0, x_t), t.reshape(-1), basis, position).view(b, c, d)
+        x0_hat: torch.Tensor = self.denoiser(self._tokens(x0, x_t), t.reshape(-1), basis, position)
+        return x0_hat.view(b, c, d)
 
     def diffusion_loss(self, x0: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
         """x0-prediction MSE at a uniform random step per (row, channel)."""

@@ -17,6 +17,9 @@ EMBEDDING_INIT_STD = 0.01
 class _RunningStats(nn.Module):
     """Batch statistics in training (updating running ones), running statistics in eval."""
 
+    running_mean: torch.Tensor  # buffers, registered in __init__
+    running_var: torch.Tensor
+
     def __init__(self, num_features: int, eps: float, momentum: float) -> None:
         super().__init__()
         self.eps = eps
@@ -141,7 +144,8 @@ class MLP(nn.Module):
         self.out_dim = width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        out: torch.Tensor = self.layers(x)
+        return out
 
 
 class ItemEmbedding(nn.Module):

@@ -59,4 +59,5 @@ class OverArch(BackendModule):
             features = self.norm(features)
         elif self.scale is not None:
             features = features * self.scale
-        return self.out(self.mlp(features)).squeeze(-1)  # (B,)
+        logits: torch.Tensor = self.out(self.mlp(features)).squeeze(-1)  # (B,)
+        return logits

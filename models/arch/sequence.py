@@ -54,6 +54,8 @@ class SDIMSequenceArch(BackendModule):
         >>> assert out.shape == (3, 8)
     """
 
+    projection: torch.Tensor  # (d, G·τ) buffer, registered in __init__
+
     def __init__(self, dim: int, config: SDIMConfig) -> None:
         super().__init__()
         self.config = config

@@ -187,7 +187,7 @@ def _config(length: int, dim_a: int, dim_r: int, top_k: int, batch: int) -> Laun
 
 class _DareSearch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query, keys, values, mask, user_index, pos_logits, top_k, upcast):  # type: ignore[override]
+    def forward(ctx, query, keys, values, mask, user_index, pos_logits, top_k, upcast):
         _check_shapes(query, keys, values, mask, user_index, pos_logits, top_k)
         q, k, v = query.contiguous(), keys.contiguous(), values.contiguous()
         users = user_index.contiguous()
@@ -216,7 +216,7 @@ class _DareSearch(torch.autograd.Function):
         return out, top_idx, w.to(out_dtype)
 
     @staticmethod
-    def backward(ctx, dout, _didx, _dw):  # type: ignore[override]
+    def backward(ctx, dout, _didx, _dw):
         q, k, v, users, top_idx, w = ctx.saved_tensors
         cfg = ctx.cfg
         dout = dout.contiguous()

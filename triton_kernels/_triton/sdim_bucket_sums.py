@@ -192,7 +192,7 @@ def sdim_bucket_sums_bwd(dsums: torch.Tensor, codes: torch.Tensor, mask_u8: torc
 
 class _SdimBucketSums(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, seq_emb, codes, mask, hash_bits, upcast):  # type: ignore[override]
+    def forward(ctx, seq_emb, codes, mask, hash_bits, upcast):
         sums, counts, cfg = sdim_bucket_sums_fwd(seq_emb, codes, mask, hash_bits)
         ctx.save_for_backward(codes.contiguous(), mask.to(torch.bool).contiguous().view(torch.uint8))
         ctx.cfg, ctx.dim, ctx.in_dtype = cfg, seq_emb.shape[2], seq_emb.dtype
@@ -201,7 +201,7 @@ class _SdimBucketSums(torch.autograd.Function):
         return sums.to(out_dtype), counts
 
     @staticmethod
-    def backward(ctx, dsums, dcounts):  # type: ignore[override]
+    def backward(ctx, dsums, dcounts):
         codes, mask_u8 = ctx.saved_tensors
         dx = sdim_bucket_sums_bwd(dsums, codes, mask_u8, ctx.dim, ctx.in_dtype, ctx.cfg)
         return dx, None, None, None, None
@@ -210,4 +210,6 @@ class _SdimBucketSums(torch.autograd.Function):
 def sdim_bucket_sums_triton(seq_emb: torch.Tensor, codes: torch.Tensor, mask: torch.Tensor, *,
                             hash_bits: int, upcast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of :func:`triton_kernels.reference.sdim_bucket_sums`."""
-    return _SdimBucketSums.apply(seq_emb, codes, mask, hash_bits, upcast)
+    sums_counts: tuple[torch.Tensor, torch.Tensor] = _SdimBucketSums.apply(
+        seq_emb, codes, mask, hash_bits, upcast)
+    return sums_counts

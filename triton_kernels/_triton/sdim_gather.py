@@ -118,7 +118,7 @@ def _prepare(sums: torch.Tensor, counts: torch.Tensor, cand_codes: torch.Tensor,
 
 class _SdimGather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, sums, counts, cand_codes, user_index, upcast):  # type: ignore[override]
+    def forward(ctx, sums, counts, cand_codes, user_index, upcast):
         sums_c, codes, users, cfg = _prepare(sums, counts, cand_codes, user_index)
         u, g, c, dim = sums_c.shape
         b = codes.shape[0]
@@ -134,7 +134,7 @@ class _SdimGather(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, dout):  # type: ignore[override]
+    def backward(ctx, dout):
         sums_c, codes, users = ctx.saved_tensors
         cfg = ctx.cfg
         u, g, c, dim = sums_c.shape
@@ -152,4 +152,5 @@ class _SdimGather(torch.autograd.Function):
 def sdim_gather_triton(sums: torch.Tensor, counts: torch.Tensor, cand_codes: torch.Tensor,
                        user_index: torch.Tensor, *, upcast: bool = False) -> torch.Tensor:
     """Triton twin of :func:`triton_kernels.reference.sdim_gather`."""
-    return _SdimGather.apply(sums, counts, cand_codes, user_index, upcast)
+    out: torch.Tensor = _SdimGather.apply(sums, counts, cand_codes, user_index, upcast)
+    return out

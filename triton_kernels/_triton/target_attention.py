@@ -227,7 +227,7 @@ def _config(batch: int, dim: int, hid: int) -> LaunchConfig:
 
 class _TargetAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query, keys, mask, user_index, w1, b1, w2, b2, alpha, dice_mean, dice_var,  # type: ignore[override]
+    def forward(ctx, query, keys, mask, user_index, w1, b1, w2, b2, alpha, dice_mean, dice_var,
                 activation, dice_eps, softmax, upcast):
         check_target_attention_shapes(query, keys, mask, user_index, w1, b1, w2, b2, activation,
                                       (alpha, dice_mean, dice_var))
@@ -265,7 +265,7 @@ class _TargetAttention(torch.autograd.Function):
         return out.to(torch.float32 if upcast else query.dtype)
 
     @staticmethod
-    def backward(ctx, dout):  # type: ignore[override]
+    def backward(ctx, dout):
         q, k, mask_u8, users, w1c, b1c, w2c, b2c, alpha_f, mean_f, istd, out, lse = ctx.saved_tensors
         cfg = ctx.cfg
         b, dim = q.shape
@@ -297,5 +297,6 @@ def target_attention_triton(
     dice_var: torch.Tensor | None = None, dice_eps: float = 1e-8, softmax: bool = False, upcast: bool = False,
 ) -> torch.Tensor:
     """Triton twin of :func:`triton_kernels.reference.target_attention` (forward and backward)."""
-    return _TargetAttention.apply(query, keys, mask, user_index, w1, b1, w2, b2, alpha, dice_mean, dice_var,
-                                  activation, dice_eps, softmax, upcast)
+    out: torch.Tensor = _TargetAttention.apply(query, keys, mask, user_index, w1, b1, w2, b2, alpha,
+                                               dice_mean, dice_var, activation, dice_eps, softmax, upcast)
+    return out

@@ -84,10 +84,12 @@ def apply_activation(
         return s
     if activation == "prelu":
         check(alpha is not None, "activation='prelu' needs alpha (H,)")
+        assert alpha is not None  # narrowing for mypy: check() raised otherwise
         return torch.clamp(s, min=0) + alpha.to(s.dtype) * torch.clamp(s, max=0)
     if activation == "dice":
         check(alpha is not None and dice_mean is not None and dice_var is not None,
               "activation='dice' needs alpha, dice_mean and dice_var (H,)")
+        assert alpha is not None and dice_mean is not None and dice_var is not None  # as above
         inv_std = torch.rsqrt(dice_var.to(s.dtype) + dice_eps)
         p = torch.sigmoid((s - dice_mean.to(s.dtype)) * inv_std)
         return p * s + (1 - p) * alpha.to(s.dtype) * s
@@ -142,7 +144,7 @@ def target_attention(
     real = mask.to(torch.bool)
     k_user = torch.where(real.unsqueeze(-1), keys.to(dtype), torch.zeros((), dtype=dtype,
                                                                          device=keys.device))
-    wq, wk, wd, wp = w1.to(dtype).split(d, dim=0)  # each (d, H)
+    wq, wk, wd, wp = torch.split(w1.to(dtype), d, dim=0)  # each (d, H)
     hq = q @ (wq + wd) + b1.to(dtype)  # (B, H): once per candidate
     hk = gather_user_rows(k_user @ (wk - wd), user_index)  # (B, L, H): once per user row
     k = gather_user_rows(k_user, user_index)  # (B, L, d)
