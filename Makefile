@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST  := $(BIN)/python -m pytest
 
-.PHONY: help demo test test-fast test-interpret test-gpu lint bench protos clean
+.PHONY: help demo test test-fast test-interpret test-gpu lint typecheck bench protos clean
 
 help:            ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -23,7 +23,7 @@ venv: $(STAMP)   ## create .venv and install everything
 demo: $(STAMP)   ## run the whole pipeline end to end on embedded defaults
 	$(BIN)/ctrstream demo
 
-test: $(STAMP)   ## the whole suite, slow chaos and end-to-end tests included
+test: $(STAMP) lint typecheck  ## lint, strict type check, then the whole suite (slow chaos and end-to-end included)
 	bash infra/ensure-redis.sh
 	REQUIRE_REDIS=1 $(PYTEST) -q -p no:cacheprovider --timeout=900
 
@@ -40,6 +40,9 @@ test-gpu: $(STAMP)  ## everything on a CUDA machine, kernels compiled
 lint: $(STAMP)   ## ruff
 	$(BIN)/ruff check pipeline models triton_kernels serving tests benchmarks
 
+typecheck: $(STAMP)  ## mypy --strict over the source packages (settings in pyproject.toml)
+	$(BIN)/mypy
+
 bench: $(STAMP)  ## all benchmarks, JSON lines on stdout
 	for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done
 
@@ -47,4 +50,4 @@ protos: $(STAMP) ## regenerate gRPC stubs from serving/proto/scorer.proto
 	$(BIN)/python -m grpc_tools.protoc -Iserving/proto=serving/proto --python_out=. --pyi_out=. --grpc_python_out=. serving/proto/scorer.proto
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache
+	rm -rf $(VENV) .demo .pytest_cache .mypy_cache

@@ -126,7 +126,7 @@ class ConfluentConsumer:
                 if err is not None:
                     self._error(err)
             msgs = [m for m, err in zip(msgs, errors, strict=True) if err is None]
-        return msgs  # type: ignore[no-any-return]
+        return msgs
 
     def poll_batch(self, max_records: int, timeout_ms: int) -> list[RawRecord]:
         from confluent_kafka import Message

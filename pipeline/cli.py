@@ -14,7 +14,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, get_args, get_origin
+from typing import Any, cast, get_args, get_origin
 
 from pydantic_settings import BaseSettings
 
@@ -25,12 +25,14 @@ __all__ = ["main", "build_parser"]
 log = logging.getLogger("ctrstream")
 
 
-def _flag_type(annotation: Any) -> Callable[[str], Any] | None:
+def _flag_type(annotation: Any) -> Callable[[str], Any]:
     args = [a for a in get_args(annotation) if a is not type(None)]
     base = args[0] if get_origin(annotation) is not None and args else annotation
     if get_origin(base) is not None:  # Literal[...]
         return str
-    return base if base in (int, float, str) else None
+    if base in (int, float):
+        return cast("Callable[[str], Any]", base)
+    return str  # also the plain type for any other annotation: argparse keeps the string
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser, cls: type[BaseSettings],
@@ -234,12 +236,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     m.add_argument("--tracking-uri", default=None)
     m.set_defaults(func=cmd_models)
 
-    e = sub.add_parser("evaluate", help="offline time-ordered evaluation of several models")
+    ev = sub.add_parser("evaluate", help="offline time-ordered evaluation of several models")
     if command == "evaluate":  # its flags import torch: only for this command (keeps `worker` starting fast)
         from models.evaluate import add_evaluate_arguments, evaluate_command
 
-        add_evaluate_arguments(e)
-        e.set_defaults(func=evaluate_command)
+        add_evaluate_arguments(ev)
+        ev.set_defaults(func=evaluate_command)
     return p
 
 

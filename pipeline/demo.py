@@ -85,7 +85,7 @@ def run_demo(args: argparse.Namespace) -> int:
     server_proc: subprocess.Popen[str] | None = None
     with EmbeddedBroker() as broker, progress:
         bootstrap = broker.bootstrap
-        common = {"bootstrap_servers": bootstrap}
+        common: dict[str, Any] = {"bootstrap_servers": bootstrap}
         # 1. worker process first: its group join (up to max_poll_interval) overlaps production ----
         from pipeline.state import open_store
 

@@ -212,7 +212,7 @@ class DecodedBatch:
 
 def id_str(v: str | int | None) -> str:
     """The string form of a decoded id (what it is hashed from); "" for an absent one."""
-    return v if v.__class__ is str else "" if v is None else str(v)  # type: ignore[return-value]
+    return v if v.__class__ is str else "" if v is None else str(v)
 
 
 class _Invalid(ValueError):
@@ -628,7 +628,7 @@ def _int_id_hashes(ids: np.ndarray) -> np.ndarray:
     """(n,) hashes of (n,) int64 ids: ``hash_id`` of each, through the direct-mapped table."""
     slot = (ids.view(np.uint64) * _FIB) >> _SLOT_SHIFT
     hit = _INT_IDS[slot] == ids
-    out = _INT_HASHES[slot]  # read before the misses are filled in: one may take a hit's slot
+    out: np.ndarray = _INT_HASHES[slot]  # read before the misses are filled in: one may take a hit's slot
     if hit.all():
         return out
     miss = np.unique(ids[~hit])
@@ -791,9 +791,9 @@ def decode_batch(records: Sequence[RawRecord] | RecordBatch) -> tuple[DecodedBat
         meta.append((rec.partition, rec.offset, row[7]))
     if rows:
         kinds, users, items, cats, actions, tss, rids, _ = zip(*rows, strict=True)
-        parts, offs, ctxs = zip(*meta, strict=True)
+        row_parts, row_offs, ctxs = zip(*meta, strict=True)
     else:
-        kinds = users = items = cats = actions = tss = rids = parts = offs = ctxs = ()
+        kinds = users = items = cats = actions = tss = rids = row_parts = row_offs = ctxs = ()
     batch = DecodedBatch(
         kind=np.fromiter(kinds, np.uint8, len(kinds)),
         user=np.fromiter([u[1] for u in users], np.int64, len(users)),
@@ -805,8 +805,8 @@ def decode_batch(records: Sequence[RawRecord] | RecordBatch) -> tuple[DecodedBat
         user_id=[u[0] for u in users],
         item_id=[i[0] for i in items],
         category_id=[c[0] for c in cats],
-        partition=np.fromiter(parts, np.int64, len(parts)),
-        offset=np.fromiter(offs, np.int64, len(offs)),
+        partition=np.fromiter(row_parts, np.int64, len(row_parts)),
+        offset=np.fromiter(row_offs, np.int64, len(row_offs)),
         context=list(ctxs),
     )
     return batch, dead

@@ -10,7 +10,7 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from itertools import repeat
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -90,7 +90,7 @@ class _KafkaPythonConsumer:
     _outage_errors = 0
     _outage_warned_at = float("-inf")
 
-    def _poll(self, max_records: int, timeout_ms: int) -> dict:  # type: ignore[type-arg]
+    def _poll(self, max_records: int, timeout_ms: int) -> dict[Any, list[Any]]:
         """``KafkaConsumer.poll``, riding out a broker outage: an empty poll instead of a raise.
 
         kafka-python 3.0 lets a retriable error escape ``poll`` when the broker goes away at the wrong
@@ -104,7 +104,7 @@ class _KafkaPythonConsumer:
         from kafka.errors import KafkaError
 
         try:
-            polled = self._c.poll(timeout_ms=timeout_ms, max_records=max_records)
+            polled: dict[Any, list[Any]] = self._c.poll(timeout_ms=timeout_ms, max_records=max_records)
         except KafkaError as e:
             if not e.retriable:
                 raise

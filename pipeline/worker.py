@@ -105,7 +105,7 @@ def sample_id(request_id: str, item_hash: int) -> str:
     return f"{request_id}:{item_hash:x}"
 
 
-_q = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]  # the C string quoter json.dumps uses
+_q: Callable[[str], str] = json.encoder.encode_basestring_ascii  # the C string quoter json.dumps uses
 
 
 def sample_json(p: _Pending) -> bytes:

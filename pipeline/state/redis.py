@@ -256,7 +256,7 @@ class RedisSequenceStore(SequenceStore):
             pipe = self.r.pipeline(transaction=False)
             for keys, args in calls:
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
-            out = pipe.execute(raise_on_error=False)
+            out: list[Any] = pipe.execute(raise_on_error=False)
             if attempt == 0 and any(isinstance(x, self._redis.exceptions.NoScriptError) for x in out):
                 self.r.script_load(script.script)
                 continue
