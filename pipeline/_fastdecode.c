@@ -66,7 +66,11 @@ static inline int scan_int(cursor_t *c, long long *out) {
     if (q >= c->end || *q < '0' || *q > '9') return 0;
     const char *d0 = q;
     long long v = 0;
-    while (q < c->end && *q >= '0' && *q <= '9') { v = v * 10 + (*q - '0'); q++; if (q - d0 > 18) return 0; }
+    while (q < c->end && *q >= '0' && *q <= '9') {
+        if (q - d0 == 18) return 0;  /* a 19th digit: declined before it is added (it could overflow) */
+        v = v * 10 + (*q - '0');
+        q++;
+    }
     if (*d0 == '0' && q - d0 > 1) return 0;
     if (q < c->end && (*q == '.' || *q == 'e' || *q == 'E')) return 0;
     *out = neg ? -v : v;
