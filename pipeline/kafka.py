@@ -87,6 +87,7 @@ class _KafkaPythonConsumer:
 
     #: While the broker is unreachable, at most one warning per this many seconds (with a count).
     OUTAGE_WARN_EVERY_S = 10.0
+    # outage counters as class-level defaults: _KafkaPythonAssignedConsumer has its own __init__
     _outage_errors = 0
     _outage_warned_at = float("-inf")
 
