@@ -1,11 +1,14 @@
 """Only the C extension; everything else about the package is in pyproject.toml.
 
-``pipeline._fastdecode`` is the worker's decode fast path (pipeline/_fastdecode.c). It is optional:
-where no C compiler is available the install still succeeds and the worker decodes with msgspec,
-with the same results (``make test`` requires it: tests/pipeline/test_events.py).
+``pipeline._fastdecode`` is the worker's decode fast path (pipeline/_fastdecode.c);
+``pipeline._kafkarecords`` parses kafka-python's fetched records (pipeline/_kafkarecords.c, used by
+pipeline/_kafka_fast.py). Both are optional: where no C compiler is available the install still
+succeeds, the worker decodes with msgspec and kafka-python parses its own records, with the same
+results (``make test`` requires both: tests/pipeline/test_events.py, test_kafka_fast.py).
 """
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("pipeline._fastdecode", ["pipeline/_fastdecode.c"], optional=True,
-                             extra_compile_args=["-O2", "-Wall"])])
+setup(ext_modules=[Extension(name, [f"pipeline/{name.split('.')[1]}.c"], optional=True,
+                             extra_compile_args=["-O2", "-Wall"])
+                   for name in ("pipeline._fastdecode", "pipeline._kafkarecords")])

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from pipeline import _kafka_fast
 from pipeline.events import RawRecord, RecordBatch, raw_record_from_tuple
 from pipeline.exceptions import BrokerError
 
@@ -73,6 +74,8 @@ class _KafkaPythonConsumer:
             fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20,
             reconnect_backoff_max_ms=2000, check_crcs=CHECK_CRCS,
         )
+
+        _kafka_fast.install(self._c)
 
         class _L(ConsumerRebalanceListener):
             def on_partitions_revoked(self, revoked):  # type: ignore[no-untyped-def]
@@ -188,6 +191,7 @@ class _KafkaPythonAssignedConsumer(_KafkaPythonConsumer):
                                 auto_offset_reset="earliest", max_poll_records=max_poll_records,
                                 fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20,
                                 reconnect_backoff_max_ms=2000, check_crcs=CHECK_CRCS)
+        _kafka_fast.install(self._c)
         tps = []
         for t in topics:
             parts = None
@@ -240,6 +244,9 @@ class _KafkaPythonProducer:
         self._failed: list[str] = []
         self._partitions: dict[str, list[int]] = {}  # per topic, sorted; re-read after every flush
         self._key_hash: dict[bytes, int] = {}  # key -> murmur2(key) & 0x7fffffff
+        # records batched here and built in C (pipeline/_kafka_fast.py), when this kafka-python allows
+        self._batching = _kafka_fast.BatchingSender(self._p) if _kafka_fast.BatchingSender.usable(self._p) else None
+        self._rr = 0  # round-robin over partitions for records without a key (batched path)
 
     def _partition(self, topic: str, key: bytes) -> int:
         """The partition kafka-python's default partitioner picks for a key, computed once per key.
@@ -260,19 +267,34 @@ class _KafkaPythonProducer:
         return parts[h % len(parts)]
 
     def send(self, topic: str, key: bytes | None, value: bytes) -> None:
+        if self._batching is not None:
+            if key is None:
+                parts = self._partitions.get(topic)
+                if parts is None:
+                    parts = self._partitions[topic] = sorted(self._p.partitions_for(topic))
+                self._rr += 1
+                self._batching.add(topic, parts[self._rr % len(parts)], key, value)
+            else:
+                self._batching.add(topic, self._partition(topic, key), key, value)
+            return
         part = None if key is None else self._partition(topic, key)
         self._p.send(topic, key=key, value=value, partition=part).add_errback(
             lambda e: self._failed.append(f"{topic}: {e}"))
 
     def flush(self) -> None:
         self._partitions.clear()
-        self._p.flush()
+        if self._batching is not None:
+            self._failed += self._batching.flush()
+        else:
+            self._p.flush()
         if self._failed:
             first, n = self._failed[0], len(self._failed)
             self._failed.clear()
             raise BrokerError(f"{n} message(s) were not delivered, first: {first}")
 
     def close(self) -> None:
+        if self._batching is not None:
+            self._batching.ship_all()  # as the producer's own close: what was sent is delivered first
         self._p.close()
 
 

@@ -1,0 +1,239 @@
+"""kafka-python's records parsed and built in C (pipeline/_kafka_fast.py, pipeline/_kafkarecords.c):
+the same records as kafka-python's own code, on real fetches from the embedded broker, on corrupt
+bytes, and through the producer's sender."""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections import defaultdict
+
+import pytest
+
+from pipeline import _kafka_fast
+
+pytestmark = pytest.mark.kafka
+
+
+def test_the_c_extension_is_built():
+    assert _kafka_fast._kafkarecords is not None, "pipeline._kafkarecords was not built (C compiler?)"
+
+
+def _records(*, headers: bool = True) -> list[tuple[bytes | None, bytes | None, list[tuple[str, bytes | None]]]]:
+    """Keys, values and headers with the shapes that matter: null and empty key and value, a value
+    long enough for multi-byte varints, UTF-8 header keys, a non-UTF-8 header value bytes."""
+    rng = random.Random(3)
+    out = []
+    for i in range(700):
+        key = None if i % 11 == 0 else (b"" if i % 13 == 0 else b"user-%d" % (i % 37))
+        value = None if i % 17 == 0 and key is not None else bytes(rng.getrandbits(8) for _ in range(rng.choice((0, 5, 130, 3000))))
+        hs = []
+        if headers and i % 5 == 0:
+            hs = [("trace", b"t%d" % i), ("ключ", b"\xff"), ("", b"")][: 1 + i % 3]
+        out.append((key, value, hs))
+    return out
+
+
+def _consume_all(bootstrap: str, topic: str, parts: int, n: int, *, fast: bool,
+                 seek: dict[int, int] | None = None) -> list[tuple]:
+    from kafka import KafkaConsumer, TopicPartition
+
+    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, max_poll_records=97)
+    if fast:
+        assert _kafka_fast.install(c)
+        assert c._fetcher.PartitionRecords.__name__ == "FastPartitionRecords"
+    else:
+        assert c._fetcher.PartitionRecords.__name__ == "PartitionRecords"
+    tps = [TopicPartition(topic, p) for p in range(parts)]
+    c.assign(tps)
+    c.seek_to_beginning()
+    for p, off in (seek or {}).items():
+        c.seek(TopicPartition(topic, p), off)
+    got: list[tuple] = []
+    deadline = time.monotonic() + 60
+    while len(got) < n and time.monotonic() < deadline:
+        for recs in c.poll(500).values():
+            got.extend(recs)
+    assert not c.poll(300), "more records than produced"
+    c.close()
+    return sorted(got, key=lambda r: (r.partition, r.offset))
+
+
+@pytest.mark.parametrize("compression", [None, "gzip"])
+def test_fast_parse_returns_kafka_pythons_records_from_real_fetches(broker, compression):
+    """Every field of every ConsumerRecord (timestamps, header sizes, leader epoch...) equal to what
+    kafka-python's own parse returns for the same fetched bytes; also from the middle of a batch
+    (a seek lands inside one: the records before it must be skipped)."""
+    from kafka import KafkaProducer
+
+    from pipeline.broker import create_topics
+
+    topic = f"fast-{compression}-{uuid.uuid4().hex[:8]}"
+    create_topics(broker.bootstrap, {topic: 3})
+    p = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=50, batch_size=64 << 10,
+                      compression_type=compression, enable_idempotence=False)
+    recs = _records()
+    for i, (k, v, hs) in enumerate(recs):
+        p.send(topic, key=k, value=v, headers=hs, partition=i % 3)
+    p.flush()
+    p.close()
+    ours = _consume_all(broker.bootstrap, topic, 3, len(recs), fast=True)
+    theirs = _consume_all(broker.bootstrap, topic, 3, len(recs), fast=False)
+    assert len(theirs) == len(recs)
+    assert ours == theirs
+    assert any(r.headers for r in ours) and any(r.key is None for r in ours) and any(r.value is None for r in ours)
+
+    seek = {0: 5, 1: 100, 2: 0}
+    n = len(recs) - 5 - 100
+    assert _consume_all(broker.bootstrap, topic, 3, n, fast=True, seek=seek) == \
+        _consume_all(broker.bootstrap, topic, 3, n, fast=False, seek=seek)
+
+
+def _batch(records) -> bytes:
+    from kafka.record.default_records import DefaultRecordBatchBuilder
+
+    b = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=False, producer_id=-1,
+                                  producer_epoch=-1, base_sequence=-1, batch_size=1 << 24)
+    for i, (k, v, hs) in enumerate(records):
+        assert b.append(i, 1_767_225_600_000 + 7 * i, k, v, hs) is not None
+    return bytes(b.build())
+
+
+def _stock(buf: bytes):
+    from kafka.errors import CorruptRecordError
+    from kafka.record.default_records import DefaultRecordBatch
+
+    try:
+        return [(r.offset, r.timestamp, r.key, r.value, r.headers) for r in DefaultRecordBatch(buf)]
+    except CorruptRecordError:
+        return "corrupt"
+
+
+def _fast(buf: bytes):
+    from kafka.consumer.fetcher import ConsumerRecord
+    from kafka.record.default_records import DefaultRecordBatch
+
+    b = DefaultRecordBatch(buf)
+    try:
+        recs, _, _ = _kafka_fast._kafkarecords.parse_v2(
+            b._buffer, b._pos, b.records_count, b.base_offset, b.first_timestamp, False, 0, "t", 0, -1, ConsumerRecord)
+    except ValueError:
+        return "corrupt"
+    return [(r.offset, r.timestamp, r.key, r.value, r.headers) for r in recs]
+
+
+def test_parse_v2_agrees_with_kafka_python_on_corrupt_batches():
+    """Truncated batches and flipped bytes in the records: the C parse refuses exactly what
+    kafka-python refuses, and returns the same records for whatever it accepts."""
+    good = _batch(_records()[:60])
+    assert _fast(good) == _stock(good) != "corrupt"
+    rng = random.Random(11)
+    outcomes = defaultdict(int)
+    for trial in range(3000):
+        buf = bytearray(good)
+        if trial % 3 == 0:
+            buf = buf[: rng.randrange(61, len(buf))]
+        else:
+            for _ in range(rng.randint(1, 4)):
+                buf[rng.randrange(61, len(buf))] = rng.getrandbits(8)
+        ours, theirs = _fast(bytes(buf)), _stock(bytes(buf))
+        assert ours == theirs, f"trial {trial}"
+        outcomes[ours == "corrupt"] += 1
+    assert outcomes[True] > 1000 and outcomes[False] > 50  # both outcomes were exercised
+
+
+def test_batching_producer_delivers_every_record_in_order(broker):
+    """The kafka-python producer adapter's batched path: every record arrives once, keyed ones on the
+    default partitioner's partition, in send order per key; keyless ones spread over partitions."""
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.partitioner.default import murmur2
+
+    from pipeline.broker import create_topics
+    from pipeline.kafka import make_producer
+
+    topic = f"batched-{uuid.uuid4().hex[:8]}"
+    create_topics(broker.bootstrap, {topic: 4})
+    p = make_producer("kafka-python", broker.bootstrap)
+    assert p._batching is not None, "the batched path is not in use"
+    sent = []
+    rng = random.Random(5)
+    for i in range(20_000):
+        key = None if i % 50 == 0 else b"u%d" % rng.randrange(300)
+        value = b"%d:" % i + b"x" * rng.choice((10, 200, 2000))
+        p.send(topic, key, value)
+        sent.append((key, value))
+        if i == 12_345:
+            p.flush()
+    p.flush()
+    p.close()
+
+    c = KafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False)
+    tps = [TopicPartition(topic, i) for i in range(4)]
+    c.assign(tps)
+    c.seek_to_beginning()
+    got = []
+    deadline = time.monotonic() + 60
+    while len(got) < len(sent) and time.monotonic() < deadline:
+        for recs in c.poll(500).values():
+            got.extend(recs)
+    c.close()
+    assert sorted((r.key or b"", r.value) for r in got) == sorted((k or b"", v) for k, v in sent)
+    for r in got:
+        if r.key is not None:
+            assert r.partition == (murmur2(r.key) & 0x7FFFFFFF) % 4
+    assert len({r.partition for r in got if r.key is None}) == 4
+    order = defaultdict(list)
+    for r in sorted(got, key=lambda r: (r.partition, r.offset)):
+        if r.key is not None:  # a key's records: one partition, in send order
+            order[r.key].append(int(r.value.split(b":")[0]))
+    assert len(order) > 250 and all(seq == sorted(seq) for seq in order.values())
+
+
+def test_batching_sender_reports_a_batch_that_was_never_delivered(broker):
+    """A batch the producer gives up on (here: a partition that does not exist, so no leader, until
+    the delivery timeout) comes back from flush as a failure; it is never silently dropped."""
+    from kafka import KafkaProducer
+    from kafka.errors import MessageSizeTooLargeError
+
+    from pipeline.broker import create_topics
+
+    topic = f"undeliverable-{uuid.uuid4().hex[:8]}"
+    create_topics(broker.bootstrap, {topic: 1})
+    kp = KafkaProducer(bootstrap_servers=broker.bootstrap, enable_idempotence=False, linger_ms=0,
+                       request_timeout_ms=1000, delivery_timeout_ms=2500, max_request_size=1 << 20)
+    assert _kafka_fast.BatchingSender.usable(kp)
+    s = _kafka_fast.BatchingSender(kp)
+    s.add(topic, 0, b"k", b"fine")
+    s.add(topic, 7, b"k", b"lost")
+    t = time.monotonic()
+    failed = s.flush()
+    assert time.monotonic() - t < 30
+    assert len(failed) == 1 and f"{topic}[7]" in failed[0], failed
+    with pytest.raises(MessageSizeTooLargeError):
+        s.add(topic, 0, None, b"x" * ((1 << 20) + 1))
+    s.add(topic, 0, b"k", b"again")
+    assert s.flush() == []
+    kp.close()
+
+
+def test_fast_paths_stay_off_where_they_do_not_apply(broker, monkeypatch):
+    from kafka import KafkaConsumer, KafkaProducer
+    from kafka.serializer import Deserializer
+
+    class Text(Deserializer):
+        def deserialize(self, topic, headers, data):
+            return data.decode()
+
+    c = KafkaConsumer(bootstrap_servers=broker.bootstrap, value_deserializer=Text())
+    assert not _kafka_fast.install(c)  # deserializers: kafka-python's own path
+    c.close()
+    idem = KafkaProducer(bootstrap_servers=broker.bootstrap, enable_idempotence=True)
+    gz = KafkaProducer(bootstrap_servers=broker.bootstrap, enable_idempotence=False, compression_type="gzip")
+    assert not _kafka_fast.BatchingSender.usable(idem) and not _kafka_fast.BatchingSender.usable(gz)
+    idem.close()
+    gz.close()
+    monkeypatch.setenv("CTRSTREAM_KAFKA_FAST_RECORDS", "0")
+    c = KafkaConsumer(bootstrap_servers=broker.bootstrap)
+    assert not _kafka_fast.install(c)
+    c.close()
