@@ -4,7 +4,8 @@
 1. ``"bench": "worker"``, one line per (client, backend): a fixed synthetic stream is produced
    once to a topic of the embedded broker (Tansu); then, per client, the bare client consumes the
    whole topic (``raw_events_per_s``: the client's own poll loop touching every value, nothing
-   else) and the worker (``run_worker``: decode, validate, join, produce samples, commit) does the
+   else; for kafka-python with the worker's C record parse, pipeline/_kafka_fast.py, and
+   ``raw_stock_parse_events_per_s`` with kafka-python's own parse, for comparison) and the worker (``run_worker``: decode, validate, join, produce samples, commit) does the
    same from a fresh store; ``events_per_s`` counts from the partition assignment (the group join
    is excluded from both) to the store commit that covers the last event (a checkpoint commits
    every ``--commit-max-events`` records or ``--commit-interval-ms``; the worker's defaults unless
@@ -141,18 +142,24 @@ class _Cpu:
         self.s = time.process_time() - self.t
 
 
-def raw_consume(client: str, bootstrap: str, topic: str, n: int) -> dict[str, float]:
+def raw_consume(client: str, bootstrap: str, topic: str, n: int, fast_records: bool = True) -> dict[str, float]:
     """The bare client reading the whole topic: the ceiling for the worker on the same topic. The
     clock starts once the client is connected and knows the topic (the worker's starts at its
-    partition assignment, after the group join, so connection setup is outside both)."""
+    partition assignment, after the group join, so connection setup is outside both).
+    ``fast_records``: kafka-python with the worker's C record parse (pipeline/_kafka_fast.py), as
+    the worker consumes; False: kafka-python's own parse."""
     t0 = None
     got = 0
     with _Cpu() as cpu:
         if client == "kafka-python":
             from kafka import KafkaConsumer, TopicPartition
 
+            from pipeline import _kafka_fast
+
             c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, max_poll_records=5000,
                               fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20, check_crcs=CHECK_CRCS)
+            if fast_records and not _kafka_fast.install(c):
+                raise RuntimeError("the kafka-python record fast path is not available here")
             c.partitions_for_topic(topic)  # connected, metadata known: as the worker is when assigned
             c.assign([TopicPartition(topic, i) for i in range(PARTITIONS)])
             c.seek_to_beginning()
@@ -255,6 +262,9 @@ def bench_worker(args: argparse.Namespace, redis: Redis | None) -> None:
                     # each in a fresh process, as a worker runs: nothing left over from an earlier
                     # line (warm id caches, a grown heap, a closed client's threads) changes the next
                     raw = _in_child(raw_consume, client, broker.bootstrap, topic, n)
+                    if client == "kafka-python":  # kafka-python's own record parse, for comparison
+                        stock = _in_child(raw_consume, client, broker.bootstrap, topic, n, False)
+                        raw["raw_stock_parse_events_per_s"] = stock["raw_events_per_s"]
                     log(f"{client}: raw {raw['raw_events_per_s']:.0f} ev/s; worker on {backend}...")
                     w = _in_child(worker_run, client, broker.bootstrap, topic, store, n, args)
                 finally:
