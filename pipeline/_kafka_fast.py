@@ -209,8 +209,8 @@ class BatchingSender:
     ``KafkaProducer.send`` costs ~30 µs of the caller's CPU per record here, plus ~10 µs in its sender
     thread (Python record encoding, a future and a lock per record): with the C record parse on the
     consumer side, that was half of the worker's CPU. Here :meth:`add` appends key and value to a
-    per-partition list; a partition's records become one v2 record batch (:func:`build_v2`, C) when
-    they reach :data:`BATCH_BYTES`, when the oldest has waited :data:`LINGER_S` (checked at the next
+    per-partition list; a partition's records become one v2 record batch (``build_v2``, C) before
+    the next record would take them past :data:`BATCH_BYTES`, when the oldest has waited :data:`LINGER_S` (checked at the next
     ``add``), or at :meth:`flush`; the batch goes into the producer's own accumulator, so the
     producer's sender thread delivers it with all of kafka-python's machinery: leader lookup, retries,
     delivery timeout, in-flight limits. :meth:`flush` waits for every batch and returns what did not
@@ -261,18 +261,21 @@ class BatchingSender:
         # bytearray and memoryview as KafkaProducer.send takes them; the C builder takes bytes
         v = value if isinstance(value, bytes) else bytes(value)
         k = key if key is None or isinstance(key, bytes) else bytes(key)
+        rec = len(v) + (len(k) if k else 0) + 12  # 12: a generous bound on the record's framing
         pend = self._pending.get((topic, partition))
+        if pend is not None and pend[2][0] + rec > BATCH_BYTES:
+            # this record would take the batch past BATCH_BYTES: the batch goes first, so a batch is
+            # over BATCH_BYTES only when one record alone is
+            self._ship(topic, partition)
+            pend = None
         if pend is None:
             if not self._pending:
                 self._oldest = time.monotonic()
             pend = self._pending[(topic, partition)] = ([], [], [0])
         pend[0].append(k)
         pend[1].append(v)
-        size = pend[2]
-        size[0] += len(v) + (len(k) if k else 0) + 12
-        if size[0] >= BATCH_BYTES:
-            self._ship(topic, partition)
-        elif time.monotonic() - self._oldest >= LINGER_S:
+        pend[2][0] += rec
+        if time.monotonic() - self._oldest >= LINGER_S:
             self.ship_all()
 
     def _ship(self, topic: str, partition: int) -> None:

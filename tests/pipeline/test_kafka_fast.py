@@ -214,6 +214,19 @@ def test_batching_sender_reports_a_batch_that_was_never_delivered(broker):
         s.add(topic, 0, None, b"x" * ((1 << 20) + 1))
     s.add(topic, 0, b"k", b"again")
     assert s.flush() == []
+
+    # batches stay under BATCH_BYTES; a record bigger than that goes alone
+    big = _kafka_fast.BATCH_BYTES + 1000
+    for i in range(100):
+        s.add(topic, 0, b"k", b"%03d" % i + b"x" * 20_000)
+        if i == 50:
+            s.add(topic, 0, b"k", b"y" * big)
+    s.ship_all()
+    sizes = [(b.records.size_in_bytes(), b.records.next_offset()) for b in s._shipped]
+    assert s.flush() == []
+    assert len(sizes) >= 5
+    assert all(size <= _kafka_fast.BATCH_BYTES or n == 1 for size, n in sizes), sizes
+    assert any(size > big and n == 1 for size, n in sizes)
     kp.close()
 
 
