@@ -1,4 +1,4 @@
-"""Only the C extension; everything else about the package is in pyproject.toml.
+"""Only the C extensions; everything else about the package is in pyproject.toml.
 
 ``pipeline._fastdecode`` is the worker's decode fast path (pipeline/_fastdecode.c);
 ``pipeline._kafkarecords`` parses kafka-python's fetched records (pipeline/_kafkarecords.c, used by

@@ -227,7 +227,11 @@ KEY_HASH_CACHE_MAX = 1 << 17
 
 class _KafkaPythonProducer:
     """``flush`` raises if a send since the last flush failed: what the worker produces (samples,
-    dead letters) must be on the broker before it commits the state that produced it."""
+    dead letters) must be on the broker before it commits the state that produced it.
+
+    Records go through :class:`pipeline._kafka_fast.BatchingSender` (batches built in C, delivered by
+    the producer's own sender thread) where this kafka-python allows it, else through
+    ``KafkaProducer.send``; the same partitions, the same delivery guarantees."""
 
     def __init__(self, bootstrap: str) -> None:
         from kafka import KafkaProducer
