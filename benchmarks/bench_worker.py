@@ -5,8 +5,9 @@
    once to a topic of the embedded broker (Tansu); then, per client, the bare client consumes the
    whole topic (``raw_events_per_s``: the client's own poll loop touching every value, nothing
    else; for kafka-python with the worker's C record parse, pipeline/_kafka_fast.py, and
-   ``raw_stock_parse_events_per_s`` with kafka-python's own parse, for comparison) and the worker (``run_worker``: decode, validate, join, produce samples, commit) does the
-   same from a fresh store; ``events_per_s`` counts from the partition assignment (the group join
+   ``raw_stock_parse_events_per_s`` with kafka-python's own parse, for comparison) and the worker
+   (``run_worker``: decode, validate, join, produce samples, commit) does the same from a fresh
+   store; ``events_per_s`` counts from the partition assignment (the group join
    is excluded from both) to the store commit that covers the last event (a checkpoint commits
    every ``--commit-max-events`` records or ``--commit-interval-ms``; the worker's defaults unless
    given; ``--commit-max-events 1`` commits every poll batch). ``ratio`` = worker / raw, in

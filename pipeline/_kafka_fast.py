@@ -24,6 +24,7 @@ way the consumer's position stays at the corrupt data, and ``poll`` raises ``Cor
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -41,17 +42,32 @@ except ImportError:  # no C compiler at install time: kafka-python's own parse, 
     _kafkarecords = None  # type: ignore[assignment]
 
 
-def _fast_class() -> type | None:
-    """The ``PartitionRecords`` subclass, or None where it cannot be used (and why, in the log)."""
+def _switched_off() -> bool:
+    return os.environ.get("CTRSTREAM_KAFKA_FAST_RECORDS", "1") == "0"
+
+
+@functools.cache
+def _built_for_this_kafka_python() -> bool:
+    """The C extension is there and kafka-python is a version this was written against (else why
+    not, in the log once: both fast paths, consume and produce, depend on it)."""
     import kafka
-    from kafka.consumer import fetcher as F
 
     if _kafkarecords is None:
-        log.info("kafka-python record fast path off: pipeline._kafkarecords was not built")
-        return None
+        log.info("kafka-python fast paths off: pipeline._kafkarecords was not built")
+        return False
     if ".".join(kafka.__version__.split(".")[:2]) not in SUPPORTED:
-        log.warning("kafka-python record fast path off: written for kafka-python %s, this is %s",
+        log.warning("kafka-python fast paths off: written for kafka-python %s, this is %s",
                     "/".join(SUPPORTED), kafka.__version__)
+        return False
+    return True
+
+
+@functools.cache
+def _fast_class() -> type | None:
+    """The ``PartitionRecords`` subclass, or None where it cannot be used (and why, in the log)."""
+    from kafka.consumer import fetcher as F
+
+    if not _built_for_this_kafka_python():
         return None
     base = F.Fetcher.PartitionRecords
     if not all(hasattr(base, a) for a in ("_unpack_records", "_consume_aborted_transactions_up_to",
@@ -130,24 +146,18 @@ def _fast_class() -> type | None:
     return FastPartitionRecords
 
 
-_FAST: type | None = None
-_RESOLVED = False
-
-
 def install(consumer: Any) -> bool:
     """Parse this ``KafkaConsumer``'s records in C from now on; False (and nothing changed) where
     the fast path cannot be used or ``CTRSTREAM_KAFKA_FAST_RECORDS=0``."""
-    global _FAST, _RESOLVED
-    if os.environ.get("CTRSTREAM_KAFKA_FAST_RECORDS", "1") == "0":
+    if _switched_off():
         return False
-    if not _RESOLVED:
-        _FAST, _RESOLVED = _fast_class(), True
+    fast = _fast_class()
     fetcher = getattr(consumer, "_fetcher", None)
-    if _FAST is None or fetcher is None or not hasattr(fetcher, "PartitionRecords"):
+    if fast is None or fetcher is None or not hasattr(fetcher, "PartitionRecords"):
         return False
     if consumer.config.get("key_deserializer") or consumer.config.get("value_deserializer"):
         return False
-    fetcher.PartitionRecords = _FAST
+    fetcher.PartitionRecords = fast
     return True
 
 
@@ -210,8 +220,8 @@ class BatchingSender:
     thread (Python record encoding, a future and a lock per record): with the C record parse on the
     consumer side, that was half of the worker's CPU. Here :meth:`add` appends key and value to a
     per-partition list; a partition's records become one v2 record batch (``build_v2``, C) before
-    the next record would take them past :data:`BATCH_BYTES`, when the oldest has waited :data:`LINGER_S` (checked at the next
-    ``add``), or at :meth:`flush`; the batch goes into the producer's own accumulator, so the
+    the next record would take them past :data:`BATCH_BYTES`, when the oldest has waited
+    :data:`LINGER_S` (checked at the next ``add``), or at :meth:`flush`; the batch goes into the producer's own accumulator, so the
     producer's sender thread delivers it with all of kafka-python's machinery: leader lookup, retries,
     delivery timeout, in-flight limits. :meth:`flush` waits for every batch and returns what did not
     succeed. The producer must not be idempotent or transactional (batches carry no producer id).
@@ -238,11 +248,7 @@ class BatchingSender:
     def usable(producer: Any) -> bool:
         """Whether this producer can take prebuilt batches: the C extension, the supported
         kafka-python, message format v2, no idempotence or transactions."""
-        if _kafkarecords is None or os.environ.get("CTRSTREAM_KAFKA_FAST_RECORDS", "1") == "0":
-            return False
-        import kafka
-
-        if ".".join(kafka.__version__.split(".")[:2]) not in SUPPORTED:
+        if _switched_off() or not _built_for_this_kafka_python():
             return False
         acc, sender = getattr(producer, "_accumulator", None), getattr(producer, "_sender", None)
         return (acc is not None and sender is not None and getattr(producer, "_transaction_manager", 1) is None
@@ -253,15 +259,16 @@ class BatchingSender:
             value: bytes | bytearray | memoryview) -> None:
         """Queue one record for ``topic[partition]``; raises ``MessageSizeTooLargeError`` at once for a
         record over the producer's ``max_request_size``, as ``KafkaProducer.send`` does."""
-        if len(value) + (len(key) if key else 0) > self._max_record:
-            from kafka.errors import MessageSizeTooLargeError
-
-            raise MessageSizeTooLargeError(f"a record of {len(value)} bytes is over max_request_size "
-                                           f"({self._max_record})")
         # bytearray and memoryview as KafkaProducer.send takes them; the C builder takes bytes
         v = value if isinstance(value, bytes) else bytes(value)
         k = key if key is None or isinstance(key, bytes) else bytes(key)
-        rec = len(v) + (len(k) if k else 0) + 12  # 12: a generous bound on the record's framing
+        size = len(v) + (len(k) if k else 0)
+        if size > self._max_record:
+            from kafka.errors import MessageSizeTooLargeError
+
+            raise MessageSizeTooLargeError(f"a record of {len(v)} bytes is over max_request_size "
+                                           f"({self._max_record})")
+        rec = size + 12  # 12: a generous bound on the record's framing
         pend = self._pending.get((topic, partition))
         if pend is not None and pend[2][0] + rec > BATCH_BYTES:
             # this record would take the batch past BATCH_BYTES: the batch goes first, so a batch is

@@ -53,11 +53,11 @@ static PyObject *corrupt(const char *what, Py_ssize_t i) {
     return NULL;
 }
 
-/* bytes or None from a nullable-bytes field of length n (negative: null, as kafka-python reads it) */
-static inline PyObject *take_bytes(cur_t *c, int64_t n, int *ok) {
-    *ok = 1;
+/* bytes or None from a nullable-bytes field of length n (negative: null, as kafka-python reads it);
+ * NULL with an exception set when the field runs past the buffer (`what`, record i) or on no memory */
+static inline PyObject *take_bytes(cur_t *c, int64_t n, const char *what, Py_ssize_t i) {
     if (n < 0) Py_RETURN_NONE;
-    if (n > c->end - c->p) { *ok = 0; return NULL; }
+    if (n > c->end - c->p) return corrupt(what, i);
     PyObject *b = PyBytes_FromStringAndSize((const char *)c->p, (Py_ssize_t)n);
     c->p += n;
     return b;
@@ -106,17 +106,11 @@ static PyObject *parse_v2(PyObject *self, PyObject *args) {
         if (!read_varint(&c, &attrs) || !read_varint(&c, &ts_delta) || !read_varint(&c, &off_delta)
             || !read_varint(&c, &klen)) { corrupt("truncated header", i); goto fail; }
         (void)attrs;
-        int ok;
-        PyObject *key = take_bytes(&c, klen, &ok);
-        if (!ok) { corrupt("bad key length", i); goto fail; }
+        PyObject *key = take_bytes(&c, klen, "bad key length", i);
         if (!key) goto fail;
         if (!read_varint(&c, &vlen)) { Py_DECREF(key); corrupt("truncated value length", i); goto fail; }
-        PyObject *value = take_bytes(&c, vlen, &ok);
-        if (!ok || !value) {
-            Py_DECREF(key);
-            if (!ok) corrupt("bad value length", i);
-            goto fail;
-        }
+        PyObject *value = take_bytes(&c, vlen, "bad value length", i);
+        if (!value) { Py_DECREF(key); goto fail; }
         PyObject *headers = PyList_New(0);
         if (!headers) { Py_DECREF(key); Py_DECREF(value); goto fail; }
         long long header_size = -1;
@@ -133,12 +127,8 @@ static PyObject *parse_v2(PyObject *self, PyObject *args) {
             }
             c.p += hk;
             if (!read_varint(&c, &hv)) { Py_DECREF(hkey); corrupt("truncated header value", i); goto fail_rec; }
-            PyObject *hval = take_bytes(&c, hv, &ok);
-            if (!ok || !hval) {
-                Py_DECREF(hkey);
-                if (!ok) corrupt("bad header value length", i);
-                goto fail_rec;
-            }
+            PyObject *hval = take_bytes(&c, hv, "bad header value length", i);
+            if (!hval) { Py_DECREF(hkey); goto fail_rec; }
             header_size += hk + (hv >= 0 ? hv : 0);
             PyObject *pair = PyTuple_Pack(2, hkey, hval);
             Py_DECREF(hkey);

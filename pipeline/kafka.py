@@ -252,6 +252,12 @@ class _KafkaPythonProducer:
         self._batching = _kafka_fast.BatchingSender(self._p) if _kafka_fast.BatchingSender.usable(self._p) else None
         self._rr = 0  # round-robin over partitions for records without a key (batched path)
 
+    def _partitions_of(self, topic: str) -> list[int]:
+        parts = self._partitions.get(topic)
+        if parts is None:
+            parts = self._partitions[topic] = sorted(self._p.partitions_for(topic))
+        return parts
+
     def _partition(self, topic: str, key: bytes) -> int:
         """The partition kafka-python's default partitioner picks for a key, computed once per key.
 
@@ -260,9 +266,7 @@ class _KafkaPythonProducer:
         so the hash is cached, and the partition list is re-read after each flush (a topic whose
         partition count grows is picked up at the next batch, as the producer's own metadata is).
         """
-        parts = self._partitions.get(topic)
-        if parts is None:
-            parts = self._partitions[topic] = sorted(self._p.partitions_for(topic))
+        parts = self._partitions_of(topic)
         h = self._key_hash.get(key)
         if h is None:
             if len(self._key_hash) >= KEY_HASH_CACHE_MAX:
@@ -273,9 +277,7 @@ class _KafkaPythonProducer:
     def send(self, topic: str, key: bytes | None, value: bytes) -> None:
         if self._batching is not None:
             if key is None:
-                parts = self._partitions.get(topic)
-                if parts is None:
-                    parts = self._partitions[topic] = sorted(self._p.partitions_for(topic))
+                parts = self._partitions_of(topic)
                 self._rr += 1
                 self._batching.add(topic, parts[self._rr % len(parts)], key, value)
             else:

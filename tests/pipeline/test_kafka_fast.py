@@ -146,7 +146,6 @@ def test_parse_v2_agrees_with_kafka_python_on_corrupt_batches():
 def test_batching_producer_delivers_every_record_in_order(broker):
     """The kafka-python producer adapter's batched path: every record arrives once, keyed ones on the
     default partitioner's partition, in send order per key; keyless ones spread over partitions."""
-    from kafka import KafkaConsumer, TopicPartition
     from kafka.partitioner.default import murmur2
 
     from pipeline.broker import create_topics
@@ -168,23 +167,14 @@ def test_batching_producer_delivers_every_record_in_order(broker):
     p.flush()
     p.close()
 
-    c = KafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False)
-    tps = [TopicPartition(topic, i) for i in range(4)]
-    c.assign(tps)
-    c.seek_to_beginning()
-    got = []
-    deadline = time.monotonic() + 60
-    while len(got) < len(sent) and time.monotonic() < deadline:
-        for recs in c.poll(500).values():
-            got.extend(recs)
-    c.close()
+    got = _consume_all(broker.bootstrap, topic, 4, len(sent), fast=False)
     assert sorted((r.key or b"", r.value) for r in got) == sorted((k or b"", v) for k, v in sent)
     for r in got:
         if r.key is not None:
             assert r.partition == (murmur2(r.key) & 0x7FFFFFFF) % 4
     assert len({r.partition for r in got if r.key is None}) == 4
     order = defaultdict(list)
-    for r in sorted(got, key=lambda r: (r.partition, r.offset)):
+    for r in got:  # in (partition, offset) order
         if r.key is not None:  # a key's records: one partition, in send order
             order[r.key].append(int(r.value.split(b":")[0]))
     assert len(order) > 250 and all(seq == sorted(seq) for seq in order.values())
