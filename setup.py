@@ -2,13 +2,15 @@
 
 ``pipeline._fastdecode`` is the worker's decode fast path (pipeline/_fastdecode.c);
 ``pipeline._kafkarecords`` parses kafka-python's fetched records (pipeline/_kafkarecords.c, used by
-pipeline/_kafka_fast.py). Both are optional: where no C compiler is available the install still
-succeeds, the worker decodes with msgspec and kafka-python parses its own records, with the same
-results (``make test`` requires both: tests/pipeline/test_events.py, test_kafka_fast.py).
+pipeline/_kafka_fast.py); ``pipeline._joincore`` is the worker's impression/click join loop
+(pipeline/_joincore.c, used by pipeline/joins.py). All are optional: where no C compiler is
+available the install still succeeds, the worker decodes with msgspec, kafka-python parses its own
+records and the worker joins in Python, with the same results (``make test`` requires all three:
+tests/pipeline/test_events.py, test_kafka_fast.py, test_joins.py).
 """
 
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension(name, [f"pipeline/{name.split('.')[1]}.c"], optional=True,
                              extra_compile_args=["-O2", "-Wall"])
-                   for name in ("pipeline._fastdecode", "pipeline._kafkarecords")])
+                   for name in ("pipeline._fastdecode", "pipeline._kafkarecords", "pipeline._joincore")])

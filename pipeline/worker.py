@@ -70,10 +70,12 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import joins
 from pipeline.checkpoint import Checkpoint, CommitPolicy
 from pipeline.config import WorkerSettings
 from pipeline.events import ACTIONS, BEHAVIOR, CLICK, IMPRESSION, RawRecord, RecordBatch, decode_batch
 from pipeline.exceptions import OffsetRegressionError
+from pipeline.joins import P_TS, JoinImpl, decode_pending, encode_pending, sample_id
 from pipeline.kafka import ConsumerAdapter, ProducerAdapter, TopicPartitionT, make_consumer, make_producer
 from pipeline.state import SequenceStore, StateDelta, open_store
 
@@ -100,46 +102,6 @@ _WM = struct.Struct(">q")
 _Q = struct.Struct(">Q")
 
 
-def sample_id(request_id: str, item_hash: int) -> str:
-    """Deterministic sample id: the same impression always gets the same id (replays dedupe)."""
-    return f"{request_id}:{item_hash:x}"
-
-
-_q: Callable[[str], str] = json.encoder.encode_basestring_ascii  # the C string quoter json.dumps uses
-
-
-def sample_json(p: _Pending) -> bytes:
-    """A sample as published on the samples topic: byte-identical to ``json.dumps(dict,
-    separators=(",", ":"))`` (tested), written out directly because it runs once per sample."""
-    return (f'{{"sample_id":{_q(sample_id(p.request_id, p.item))},"user_id":{_q(p.user_raw)},'
-            f'"item_id":{_q(p.item_raw)},"category_id":{_q(p.cat_raw)},"ts":{p.ts},"seq_pos":{p.seq_pos},'
-            f'"label":{int(p.clicked)},"user_hash":{p.user},"item_hash":{p.item},"category_hash":{p.cat}}}').encode()
-
-
-@dataclass(slots=True)
-class _Pending:
-    user: int
-    user_raw: str
-    item: int
-    item_raw: str
-    cat: int
-    cat_raw: str
-    ts: int
-    seq_pos: int
-    request_id: str
-    clicked: bool = False
-
-    def encode(self) -> bytes:
-        # byte-identical to json.dumps([...]) (tested), without the generic encoder's overhead
-        return (f"[{self.user}, {_q(self.user_raw)}, {self.item}, {_q(self.item_raw)}, {self.cat}, "
-                f"{_q(self.cat_raw)}, {self.ts}, {self.seq_pos}, {_q(self.request_id)}, "
-                f"{'true' if self.clicked else 'false'}]").encode()
-
-    @staticmethod
-    def decode(b: bytes) -> _Pending:
-        return _Pending(*json.loads(b))
-
-
 @dataclass
 class WorkerStats:
     events: int = 0
@@ -163,7 +125,7 @@ class WorkerStats:
 @dataclass
 class _PartitionState:
     watermark: int = 0  # max event time seen (ms)
-    pending: dict[tuple[str, int], _Pending] = field(default_factory=dict)
+    pending: dict[tuple[str, int], list[Any]] = field(default_factory=dict)  # pipeline.joins.P_*
     orphans: dict[tuple[str, int], int] = field(default_factory=dict)  # click ts
     heap: list[tuple[int, str, int]] = field(default_factory=list)  # (ts, request_id, item) of pending
     orphan_heap: list[tuple[int, str, int]] = field(default_factory=list)  # (click ts, ...) lazy
@@ -179,8 +141,11 @@ class _PartitionState:
 class StreamWorker:
     """Processes poll batches against a store. Transport-agnostic: ``process`` takes raw records."""
 
-    def __init__(self, settings: WorkerSettings, store: SequenceStore, producer: ProducerAdapter) -> None:
+    def __init__(self, settings: WorkerSettings, store: SequenceStore, producer: ProducerAdapter,
+                 join_impl: JoinImpl | None = None) -> None:
         self.s = settings
+        #: the join loop: the C one when built (pipeline.joins), else the Python reference
+        self._jimpl = join_impl or joins.DEFAULT
         self.store = store
         self.producer = producer
         self.stats = WorkerStats()
@@ -233,10 +198,10 @@ class StreamWorker:
                 # layout: prefix | kind (1) | request id | \x00 | item (8, big-endian)
                 key = (k[plen + 1:-9].decode(), struct.unpack(">Q", k[-8:])[0])
                 if kind == b"I":
-                    p = _Pending.decode(v)
+                    p = decode_pending(v)
                     st.pending[key] = p
                     st.stored.add(key)
-                    st.heap.append((p.ts, key[0], key[1]))
+                    st.heap.append((p[P_TS], key[0], key[1]))
                 else:
                     cts = _WM.unpack(v)[0]
                     st.orphans[key] = cts
@@ -288,7 +253,7 @@ class StreamWorker:
         commit discards every partition's state, ``stored`` included, so staging early is safe.)"""
         for tp, st in self._parts.items():
             if st.touched:
-                self._stage(delta, tp, b"I", st.touched, st.pending, st.stored, _Pending.encode)
+                self._stage(delta, tp, b"I", st.touched, st.pending, st.stored, encode_pending)
             if st.touched_orphans:
                 self._stage(delta, tp, b"C", st.touched_orphans, st.orphans, st.stored_orphans, _WM.pack)
 
@@ -452,113 +417,57 @@ class StreamWorker:
         state, so this is the same as applying the batch cut into one sub-batch per partition)."""
         part_ic = batch.partition[ic]
         ps = np.unique(part_ic).tolist()
-        if len(ps) == 1:
-            return self._join_partition(self._parts[(topic, ps[0])], batch, ic, wm_before, seq_pos)
-        emitted = 0
+        w, lateness, join = self.s.attribution_window_ms, self.s.allowed_lateness_ms, self._jimpl.join
+        out: list[tuple[bytes, bytes]] = []
+        duplicates = 0
         for p in ps:
-            sel = np.flatnonzero(part_ic == p)
-            emitted += self._join_partition(self._parts[(topic, p)], batch, ic[sel], wm_before[sel], seq_pos[sel])
-        return emitted
-
-    def _join_partition(self, st: _PartitionState, batch, rows: np.ndarray,  # type: ignore[no-untyped-def]
-                        wm_before: np.ndarray, seq_pos: np.ndarray) -> int:
-        """The impressions and clicks of one partition, one by one in arrival order (the joins need it)."""
-        w = self.s.attribution_window_ms
-        lateness = self.s.allowed_lateness_ms
-        heap, orphan_heap, pending, orphans = st.heap, st.orphan_heap, st.pending, st.orphans
-        touched, touched_orphans = st.touched, st.touched_orphans
-        idx = rows.tolist()
-        # string forms of the ids (str() of a str is itself); only impressions use them, and an
-        # impression always has a category
-        users_s = list(map(str, map(batch.user_id.__getitem__, idx)))
-        items_s = list(map(str, map(batch.item_id.__getitem__, idx)))
-        cats_s = list(map(str, map(batch.category_id.__getitem__, idx)))
-        emitted = duplicates = 0
-        wm = st.watermark
-        for kd, u, it, ct, t, wm_b, sp, rid, us, its, cs in zip(
-                batch.kind[rows].tolist(), batch.user[rows].tolist(), batch.item[rows].tolist(),
-                batch.category[rows].tolist(), batch.ts[rows].tolist(), wm_before.tolist(), seq_pos.tolist(),
-                map(batch.request_id.__getitem__, idx), users_s, items_s, cats_s, strict=True):
-            if wm_b > wm:
-                wm = wm_b
-            # label what the earlier events closed, even when this event did not move the watermark:
-            # an impression that arrived already past it is labeled before the next impression/click
-            # (as with a batch cut right after it), never later
-            limit = wm - lateness - w
-            if (heap and heap[0][0] < limit) or (orphan_heap and orphan_heap[0][0] < limit):
-                st.watermark = wm
-                emitted += self._emit_ready(st)
-            key = (rid, it)
-            if kd == CLICK:
-                s_ = pending.get(key)
-                if s_ is not None:
-                    if 0 <= t - s_.ts <= w and not s_.clicked:
-                        s_.clicked = True
-                        touched.add(key)
-                else:
-                    # impression not seen yet (out of order), or already labeled (late click)
-                    orphans[key] = t
-                    heapq.heappush(orphan_heap, (t, rid, it))
-                    touched_orphans.add(key)
-                continue
-            if key in pending:
-                duplicates += 1
-                continue
-            pend = _Pending(u, us, it, its, ct, cs, t, sp, rid)
-            cts = orphans.pop(key, None)
-            if cts is not None:
-                touched_orphans.add(key)
-                if 0 <= cts - t <= w:
-                    pend.clicked = True
-            pending[key] = pend
-            heapq.heappush(heap, (t, rid, it))
-            touched.add(key)
-        st.watermark = wm
+            st = self._parts[(topic, p)]
+            if len(ps) == 1:
+                rows, wmb, sp = ic, wm_before, seq_pos
+            else:
+                sel = np.flatnonzero(part_ic == p)
+                rows, wmb, sp = ic[sel], wm_before[sel], seq_pos[sel]
+            st.watermark, emitted, positives, unmatched, dup = join(st, batch, rows, wmb, sp, st.watermark, w,
+                                                                    lateness, out)
+            self._count(emitted, positives, unmatched)
+            duplicates += dup
         self.stats.duplicate_impressions += duplicates
-        return emitted
+        return self._send_samples(out)
 
     def _advance_all(self, final_wm: dict[int, int], topic: str) -> int:
-        n = 0
+        out: list[tuple[bytes, bytes]] = []
         for tp, st in self._parts.items():
             wm = final_wm.get(tp[1]) if tp[0] == topic else None
             if wm is not None and wm > st.watermark:
                 st.watermark = wm
-            n += self._emit_ready(st)
-        return n
+            self._emit_ready(st, out)
+        return self._send_samples(out)
 
-    def _emit_ready(self, st: _PartitionState, drain: bool = False) -> int:
+    def _emit_ready(self, st: _PartitionState, out: list[tuple[bytes, bytes]], drain: bool = False) -> None:
         """Label pending impressions whose window closed under the partition's watermark."""
-        n = 0
-        w = self.s.attribution_window_ms
-        limit = st.watermark - self.s.allowed_lateness_ms
-        heap, pending, touched = st.heap, st.pending, st.touched
+        self._count(*self._jimpl.emit_ready(st, st.watermark - self.s.allowed_lateness_ms,
+                                            self.s.attribution_window_ms, drain, out))
+
+    def _count(self, emitted: int, positives: int, unmatched: int) -> None:
+        s = self.stats
+        s.samples += emitted
+        s.positives += positives
+        s.unmatched_clicks += unmatched
+
+    def _send_samples(self, out: list[tuple[bytes, bytes]]) -> int:
+        """Produce the samples labeled by a join, in labeling order (the checkpoint flushes them
+        before the store commits)."""
         send, topic = self.producer.send, self.s.samples_topic
-        positives = 0
-        while heap and (drain or heap[0][0] + w < limit):
-            _, rid, item = heapq.heappop(heap)
-            key = (rid, item)
-            p = pending.pop(key, None)
-            if p is None:
-                continue
-            send(topic, p.user_raw.encode(), sample_json(p))
-            n += 1
-            positives += p.clicked
-            touched.add(key)
-        self.stats.samples += n
-        self.stats.positives += positives
-        # orphan clicks whose window closed can no longer label anything
-        while st.orphan_heap and (drain or st.orphan_heap[0][0] + w < limit):
-            cts, rid, item = heapq.heappop(st.orphan_heap)
-            if st.orphans.get((rid, item)) != cts:
-                continue  # claimed by an impression, or superseded by a later click
-            del st.orphans[(rid, item)]
-            self.stats.unmatched_clicks += 1
-            st.touched_orphans.add((rid, item))
-        return n
+        for key, value in out:
+            send(topic, key, value)
+        return len(out)
 
     def drain(self) -> int:
         """Label every pending impression now (end of a bounded replay) and commit."""
-        n = sum(self._emit_ready(st, drain=True) for st in self._parts.values())
+        out: list[tuple[bytes, bytes]] = []
+        for st in self._parts.values():
+            self._emit_ready(st, out, drain=True)
+        n = self._send_samples(out)
         self.commit()
         return n
 

@@ -321,16 +321,20 @@ def test_state_and_samples_do_not_depend_on_batch_boundaries(seed, cuts, latenes
 @given(raw=st.lists(st.text(), min_size=4, max_size=4), ints=st.lists(st.integers(0, 2**63 - 1), min_size=5,
                                                                         max_size=5), clicked=st.booleans())
 def test_hand_written_json_equals_json_dumps(raw, ints, clicked):
-    from pipeline.worker import _Pending, sample_json
+    from pipeline.joins import REFERENCE, decode_pending, encode_pending
 
-    p = _Pending(ints[0], raw[0], ints[1], raw[1], ints[2], raw[2], ints[3], ints[4], raw[3] or "r", clicked)
-    assert p.encode() == json.dumps([p.user, p.user_raw, p.item, p.item_raw, p.cat, p.cat_raw, p.ts, p.seq_pos,
-                                     p.request_id, p.clicked]).encode()
-    assert _Pending.decode(p.encode()) == p
-    assert sample_json(p) == json.dumps({
-        "sample_id": sample_id(p.request_id, p.item), "user_id": p.user_raw, "item_id": p.item_raw,
-        "category_id": p.cat_raw, "ts": p.ts, "seq_pos": p.seq_pos, "label": int(p.clicked),
-        "user_hash": p.user, "item_hash": p.item, "category_hash": p.cat}, separators=(",", ":")).encode()
+    p = [ints[0], raw[0], ints[1], raw[1], ints[2], raw[2], ints[3], ints[4], raw[3] or "r", clicked]
+    assert encode_pending(p) == json.dumps(p).encode()
+    assert decode_pending(encode_pending(p)) == p
+    user, user_raw, item, item_raw, cat, cat_raw, ts, seq_pos, rid, clicked = p
+    want = json.dumps({
+        "sample_id": sample_id(rid, item), "user_id": user_raw, "item_id": item_raw, "category_id": cat_raw,
+        "ts": ts, "seq_pos": seq_pos, "label": int(clicked), "user_hash": user, "item_hash": item,
+        "category_hash": cat}, separators=(",", ":")).encode()
+    assert REFERENCE.sample_json(p) == want
+    from pipeline import _joincore  # built by the install (setup.py)
+
+    assert _joincore.sample_json(p) == want
 
 
 def _poll_until(consumer, n, timeout=30.0):

@@ -1,0 +1,171 @@
+"""The worker's join loop in C (pipeline/_joincore.c) against its Python reference (pipeline/joins.py):
+the same state, samples and counters on any stream, with either one taking over from the other."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline import joins
+from pipeline.config import WorkerSettings
+from pipeline.events import RawRecord
+from pipeline.state import open_store
+from pipeline.worker import StreamWorker, _PartitionState
+from tests.pipeline.test_worker import ListProducer, _stream
+
+C = joins._load_c()
+
+
+def test_the_c_loop_is_built_and_is_what_the_worker_uses():
+    assert C is not None, "pipeline._joincore was not built (C compiler?): make venv"
+    assert joins.DEFAULT.name == "c"
+
+
+def _run(stream, cuts, lateness, impls, restart_at=None):
+    """Feed the stream cut at `cuts`; batch i runs on impls[i % len(impls)]; with restart_at, a new
+    worker takes over from the store after that many batches (the pending state is reloaded)."""
+    store = open_store("memory://")
+    settings_ = WorkerSettings(store="memory://", allowed_lateness_ms=lateness, commit_max_events=7)
+    producer = ListProducer()
+
+    def worker():
+        w = StreamWorker(settings_, store, producer)
+        w.assign([("events", 0), ("events", 1)])
+        return w
+
+    w = worker()
+    offs = {0: 0, 1: 0}
+    recs = []
+    for p, v in stream:
+        recs.append(RawRecord("events", p, offs[p], b"k", v))
+        offs[p] += 1
+    bounds = [0, *sorted(set(cuts)), len(recs)]
+    stats = []
+    for i, (a, z) in enumerate(zip(bounds, bounds[1:], strict=False)):
+        if i == restart_at:
+            w.commit()
+            stats.append(w.stats.as_dict())
+            w = worker()
+        w._jimpl = impls[i % len(impls)]
+        w.process(recs[a:z])
+    w.drain()
+    stats.append(w.stats.as_dict())
+    for s in stats:
+        s.pop("batches")
+        s.pop("commits")
+    return store.digest(), producer.sent, stats
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10**6), n=st.sampled_from([50, 300]), cuts=st.lists(st.integers(1, 299), max_size=10),
+       lateness=st.sampled_from([0, 5000, 600_000]), restart_at=st.sampled_from([None, 1, 3]))
+def test_c_loop_equals_the_reference_on_any_stream(seed, n, cuts, lateness, restart_at):
+    """State digest, every produced record in order (samples and dead letters), and every counter;
+    also when the two alternate batch by batch, and across a restart that reloads pending state."""
+    stream = _stream(seed, n)
+    cuts = [c for c in cuts if c < n]
+    want = _run(stream, cuts, lateness, [joins.REFERENCE], restart_at)
+    assert _run(stream, cuts, lateness, [C], restart_at) == want
+    assert _run(stream, cuts, lateness, [C, joins.REFERENCE], restart_at) == want
+    assert any(t == "samples" for t, _, _ in want[1]) or n == 50  # the stream labels something
+
+
+def test_c_loop_labels_a_known_stream():
+    """Not only equal to the reference: right (the reference is checked the same way in test_worker)."""
+    from tests.fixtures import event
+    from tests.pipeline.test_worker import MIN, T0
+
+    evs = [event("behavior", ts=T0), event("impression", item=5, request_id="r", ts=T0 + 1),
+           event("click", item=9, request_id="r", ts=T0 + 5),  # an orphan: its impression comes next
+           event("impression", item=9, request_id="r", ts=T0 + 3),
+           event("impression", item=5, request_id="r", ts=T0 + 4),  # a duplicate while pending
+           event("behavior", ts=T0 + 60 * MIN)]
+    from pipeline.events import encode_event
+
+    w = StreamWorker(WorkerSettings(store="memory://", allowed_lateness_ms=0), open_store("memory://"),
+                     ListProducer(), join_impl=C)
+    w.assign([("events", 0)])
+    w.process([RawRecord("events", 0, i, b"k", encode_event(e)) for i, e in enumerate(evs)])
+    got = {(s["item_id"], s["label"], s["seq_pos"]) for s in w.producer.samples()}
+    assert got == {("5", 0, 1), ("9", 1, 2)}
+    assert w.stats.duplicate_impressions == 1 and w.stats.samples == 2 and w.stats.positives == 1
+
+
+def _batch(n_imp: int):
+    """A decoded batch: clicks on the even items (before their impressions: orphans, then claimed),
+    n_imp impressions, out-of-window clicks on the odd items, and one click no impression claims."""
+    from pipeline.events import DecodedBatch
+
+    even, odd = list(range(0, n_imp, 2)), list(range(1, n_imp, 2))
+    items = [*even, *range(n_imp), *odd, n_imp]
+    kind = [2] * len(even) + [1] * n_imp + [2] * (len(odd) + 1)
+    base = 1_000_000
+    ts = [base + 500 + i for i in even] + [base + i for i in range(n_imp)] + [base + 10**9] * len(odd) + [base]
+    n = len(items)
+    return DecodedBatch(kind=np.array(kind, np.uint8), user=np.array(items, np.int64) % 7, item=np.array(items, np.int64),
+                        category=np.full(n, 3, np.int64), action=np.zeros(n, np.uint8), ts=np.array(ts, np.int64),
+                        request_id=[f"r{i}" for i in items], user_id=[f"u{i % 7}" for i in items],
+                        item_id=list(items), category_id=["c"] * n, partition=np.zeros(n, np.int64),
+                        offset=np.arange(n, dtype=np.int64))
+
+
+def _cycle(impl, batch):
+    st_ = _PartitionState()
+    out: list[tuple[bytes, bytes]] = []
+    rows = np.arange(len(batch), dtype=np.int64)
+    z = np.zeros(len(batch), np.int64)
+    wm, *counts = impl.join(st_, batch, rows, z, z, 0, 10_000, 0, out)
+    counts += impl.emit_ready(st_, wm, 10_000, True, out)
+    return out, counts
+
+
+def test_c_loop_keeps_no_reference_it_should_not():
+    """Many join + drain cycles on fresh state: a leaked reference (a tuple, an int, a pending
+    list, a sample) would grow the traced memory with every cycle."""
+    batch = _batch(500)
+    want, _ = _cycle(joins.REFERENCE, batch)
+    for _ in range(3):
+        assert _cycle(C, batch)[0] == want  # warm caches and free lists
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(50):
+            _cycle(C, batch)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 50_000, f"{grown} bytes kept after 50 cycles of 1,000 events"
+
+
+def test_c_loop_refuses_wrong_state_and_columns_with_an_error():
+    batch = _batch(3)
+    rows = np.arange(len(batch), dtype=np.int64)
+    z = np.zeros(len(batch), np.int64)
+    bad = _PartitionState()
+    bad.heap = ()  # type: ignore[assignment]
+    with pytest.raises(TypeError, match="heaps lists"):
+        C.join(bad, batch, rows, z, z, 0, 1000, 0, [])
+    with pytest.raises(TypeError, match="wm_before"):
+        C.join(_PartitionState(), batch, rows, z[:2], z, 0, 1000, 0, [])
+    with pytest.raises(IndexError, match="outside the batch"):
+        C.join(_PartitionState(), batch, rows + 100, z, z, 0, 1000, 0, [])
+    st_ = _PartitionState()
+    st_.pending[("r", 1)] = [1, "u"]  # not a pending impression
+    st_.heap.append((0, "r", 1))
+    with pytest.raises(TypeError, match="list of 10 fields"):
+        C.emit_ready(st_, 10**12, 1000, False, [])
+
+
+def test_c_samples_are_the_published_json():
+    out, counts = _cycle(C, _batch(20))
+    assert counts == [0, 0, 0, 0, 20, 10, 1]  # nothing closed before the drain; 20 samples, 10 clicked, 1 unmatched
+    assert out == _cycle(joins.REFERENCE, _batch(20))[0]
+    for key, value in out:
+        s = json.loads(value)
+        assert key == s["user_id"].encode() and s["sample_id"] == f"r{s['item_id']}:{s['item_hash']:x}"
+        assert s["label"] == (int(s["item_id"]) % 2 == 0)
