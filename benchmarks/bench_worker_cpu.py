@@ -35,7 +35,7 @@ from pipeline import joins  # noqa: E402
 from pipeline.config import WorkerSettings  # noqa: E402
 from pipeline.events import RecordBatch, encode_event, user_key  # noqa: E402
 from pipeline.state import open_store  # noqa: E402
-from pipeline.worker import StreamWorker, _gc_threshold  # noqa: E402
+from pipeline.worker import GC_GEN0_THRESHOLD, StreamWorker, _gc_threshold  # noqa: E402
 
 
 class NullProducer:
@@ -81,7 +81,7 @@ def run(batches_: list[RecordBatch], backend: str, impl: joins.JoinImpl) -> dict
         w = StreamWorker(WorkerSettings(store=uri), store, producer, join_impl=impl)
         w.assign([("events", p) for p in range(PARTITIONS)])
         gc.collect()
-        with _gc_threshold(50_000):  # as run_worker runs it
+        with _gc_threshold(GC_GEN0_THRESHOLD):  # as run_worker runs it
             t0 = time.process_time()
             for b in batches_:
                 w.process(b)

@@ -184,6 +184,12 @@ static int buf_json_str(buf_t *b, PyObject *s) {
     return (buf_put(b, "\"", 1) < 0 || buf_json_chars(b, s) < 0 || buf_put(b, "\"", 1) < 0) ? -1 : 0;
 }
 
+static int check_pending(PyObject *p) {
+    if (PyList_Check(p) && PyList_GET_SIZE(p) == P_LEN) return 0;
+    PyErr_SetString(PyExc_TypeError, "a pending impression must be a list of 10 fields");
+    return -1;
+}
+
 static int field_ll(PyObject *p, int i, long long *v) {
     *v = PyLong_AsLongLong(PyList_GET_ITEM(p, i));
     return (*v == -1 && PyErr_Occurred()) ? -1 : 0;
@@ -191,10 +197,7 @@ static int field_ll(PyObject *p, int i, long long *v) {
 
 /* pipeline.joins.sample_json_ref, byte for byte (tested against json.dumps): b is reset first */
 static int build_sample(buf_t *b, PyObject *p) {
-    if (!PyList_Check(p) || PyList_GET_SIZE(p) != P_LEN) {
-        PyErr_SetString(PyExc_TypeError, "a pending impression must be a list of 10 fields");
-        return -1;
-    }
+    if (check_pending(p) < 0) return -1;
     long long user, item, cat, ts, seq_pos;
     if (field_ll(p, P_USER, &user) < 0 || field_ll(p, P_ITEM, &item) < 0 || field_ll(p, P_CAT, &cat) < 0 ||
         field_ll(p, P_TS, &ts) < 0 || field_ll(p, P_SEQ_POS, &seq_pos) < 0)
@@ -342,29 +345,26 @@ typedef struct {
     int held;
 } col_t;
 
-/* a C-contiguous column of `itemsize`-byte numbers and at least `min_len` of them */
-static int col_get(PyObject *obj, const char *name, Py_ssize_t itemsize, Py_ssize_t min_len, col_t *c) {
-    PyObject *arr = PyObject_GetAttrString(obj, name);
-    if (!arr) return -1;
-    int rc = PyObject_GetBuffer(arr, &c->view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT);
-    Py_DECREF(arr);
-    if (rc < 0) return -1;
+/* a C-contiguous array of `itemsize`-byte numbers: exactly `n` of them, or at least `n` when !exact */
+static int arr_get(PyObject *arr, const char *name, Py_ssize_t itemsize, Py_ssize_t n, int exact, col_t *c) {
+    if (PyObject_GetBuffer(arr, &c->view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return -1;
     c->held = 1;
-    if (c->view.itemsize != itemsize || c->view.len / itemsize < min_len) {
-        PyErr_Format(PyExc_TypeError, "column %s: expected %zd-byte items, at least %zd", name, itemsize, min_len);
+    Py_ssize_t len = c->view.len / itemsize;
+    if (c->view.itemsize != itemsize || (exact ? len != n : len < n)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected %s%zd values of %zd bytes", name, exact ? "" : "at least ", n,
+                     itemsize);
         return -1;
     }
     return 0;
 }
 
-static int arr_get(PyObject *arr, const char *name, Py_ssize_t n, col_t *c) {
-    if (PyObject_GetBuffer(arr, &c->view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return -1;
-    c->held = 1;
-    if (c->view.itemsize != 8 || c->view.len / 8 != n) {
-        PyErr_Format(PyExc_TypeError, "%s: expected %zd int64 values", name, n);
-        return -1;
-    }
-    return 0;
+/* the batch's column `name` (an attribute), at least `n` values */
+static int col_get(PyObject *batch, const char *name, Py_ssize_t itemsize, Py_ssize_t n, col_t *c) {
+    PyObject *arr = PyObject_GetAttrString(batch, name);
+    if (!arr) return -1;
+    int rc = arr_get(arr, name, itemsize, n, 0, c);
+    Py_DECREF(arr);
+    return rc;
 }
 
 static void col_release(col_t *c) {
@@ -399,8 +399,8 @@ static PyObject *join(PyObject *self, PyObject *args) {
     long long duplicates = 0;
     Py_ssize_t n = PyObject_Length(rows_o);
     if (n < 0) goto done;
-    if (arr_get(rows_o, "rows", n, &col[C_ROWS]) < 0 || arr_get(wmb_o, "wm_before", n, &col[C_WMB]) < 0 ||
-        arr_get(sp_o, "seq_pos", n, &col[C_SP]) < 0)
+    if (arr_get(rows_o, "rows", 8, n, 1, &col[C_ROWS]) < 0 || arr_get(wmb_o, "wm_before", 8, n, 1, &col[C_WMB]) < 0 ||
+        arr_get(sp_o, "seq_pos", 8, n, 1, &col[C_SP]) < 0)
         goto done;
     Py_ssize_t nb = PyObject_Length(batch);
     if (nb < 0 || col_get(batch, "kind", 1, nb, &col[C_KIND]) < 0 || col_get(batch, "user", 8, nb, &col[C_USER]) < 0 ||
@@ -444,10 +444,7 @@ static PyObject *join(PyObject *self, PyObject *args) {
             PyObject *p = PyDict_GetItemWithError(s.pending, key);
             if (p) {
                 long long pts;
-                if (!PyList_Check(p) || PyList_GET_SIZE(p) != P_LEN) {
-                    PyErr_SetString(PyExc_TypeError, "a pending impression must be a list of 10 fields");
-                    ok = 0;
-                } else if ((pts = PyLong_AsLongLong(PyList_GET_ITEM(p, P_TS))) == -1 && PyErr_Occurred()) {
+                if (check_pending(p) < 0 || field_ll(p, P_TS, &pts) < 0) {
                     ok = 0;
                 } else if (t - pts >= 0 && t - pts <= window) {
                     int clicked = PyObject_IsTrue(PyList_GET_ITEM(p, P_CLICKED));

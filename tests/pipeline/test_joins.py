@@ -16,7 +16,7 @@ from pipeline.config import WorkerSettings
 from pipeline.events import RawRecord
 from pipeline.state import open_store
 from pipeline.worker import StreamWorker, _PartitionState
-from tests.pipeline.test_worker import ListProducer, _stream
+from tests.pipeline.test_worker import ListProducer, _batches, _stream
 
 C = joins._load_c()
 
@@ -39,20 +39,14 @@ def _run(stream, cuts, lateness, impls, restart_at=None):
         return w
 
     w = worker()
-    offs = {0: 0, 1: 0}
-    recs = []
-    for p, v in stream:
-        recs.append(RawRecord("events", p, offs[p], b"k", v))
-        offs[p] += 1
-    bounds = [0, *sorted(set(cuts)), len(recs)]
     stats = []
-    for i, (a, z) in enumerate(zip(bounds, bounds[1:], strict=False)):
+    for i, batch in enumerate(_batches(stream, cuts)):
         if i == restart_at:
             w.commit()
             stats.append(w.stats.as_dict())
             w = worker()
         w._jimpl = impls[i % len(impls)]
-        w.process(recs[a:z])
+        w.process(batch)
     w.drain()
     stats.append(w.stats.as_dict())
     for s in stats:

@@ -280,18 +280,23 @@ def _stream(seed: int, n: int) -> list[tuple[int, bytes]]:
     return out
 
 
-def _run_stream(stream, cuts, lateness, commit_every=1):
-    w = StreamWorker(WorkerSettings(store="memory://", allowed_lateness_ms=lateness, commit_max_events=commit_every),
-                     open_store("memory://"), ListProducer())
-    w.assign([("events", 0), ("events", 1)])
+def _batches(stream: list[tuple[int, bytes]], cuts: list[int]) -> list[list[RawRecord]]:
+    """The stream as records (offsets counted per partition), cut into poll batches at `cuts`."""
     offs = {0: 0, 1: 0}
     recs = []
     for p, v in stream:
         recs.append(RawRecord("events", p, offs[p], b"k", v))
         offs[p] += 1
     bounds = [0, *sorted(set(cuts)), len(recs)]
-    for a, z in zip(bounds, bounds[1:], strict=False):
-        w.process(recs[a:z])
+    return [recs[a:z] for a, z in zip(bounds, bounds[1:], strict=False)]
+
+
+def _run_stream(stream, cuts, lateness, commit_every=1):
+    w = StreamWorker(WorkerSettings(store="memory://", allowed_lateness_ms=lateness, commit_max_events=commit_every),
+                     open_store("memory://"), ListProducer())
+    w.assign([("events", 0), ("events", 1)])
+    for batch in _batches(stream, cuts):
+        w.process(batch)
     w.commit()
     per_part: dict[int, list[bytes]] = {}
     for t, _, v in w.producer.sent:
