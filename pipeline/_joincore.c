@@ -92,18 +92,19 @@ static PyObject *heap_pop(PyObject *heap) {
     return top;
 }
 
-/* the ts of the heap's smallest entry; 0 with *empty set when there is none; -1 and an error */
-static int heap_top_ts(PyObject *heap, long long *ts, int *empty) {
+/* whether the heap's smallest entry is due: its window closed under `limit` (ts + window < limit),
+   or `drain`. 1 due, 0 not (or the heap is empty), -1 and an error */
+static int heap_due(PyObject *heap, long long limit, long long window, int drain) {
     if (!PyList_Check(heap)) { PyErr_SetString(PyExc_TypeError, "a heap must be a list"); return -1; }
-    *empty = PyList_GET_SIZE(heap) == 0;
-    if (*empty) return 0;
+    if (PyList_GET_SIZE(heap) == 0) return 0;
     PyObject *e = PyList_GET_ITEM(heap, 0);
     if (!PyTuple_Check(e) || PyTuple_GET_SIZE(e) != 3) {
         PyErr_SetString(PyExc_TypeError, "a heap entry must be a (ts, rid, item) tuple");
         return -1;
     }
-    *ts = PyLong_AsLongLong(PyTuple_GET_ITEM(e, 0));
-    return (*ts == -1 && PyErr_Occurred()) ? -1 : 0;
+    long long ts = PyLong_AsLongLong(PyTuple_GET_ITEM(e, 0));
+    if (ts == -1 && PyErr_Occurred()) return -1;
+    return drain || ts + window < limit;
 }
 
 /* ---- sample JSON ---------------------------------------------------------------------------------- */
@@ -265,11 +266,8 @@ typedef struct {
 
 /* pipeline.joins.emit_ready_ref: label what the watermark closed (every pending one when drain) */
 static int emit(state_t *s, long long limit, long long window, int drain, PyObject *out, buf_t *b, counts_t *c) {
-    long long top;
-    int empty;
-    for (;;) {
-        if (heap_top_ts(s->heap, &top, &empty) < 0) return -1;
-        if (empty || !(drain || top + window < limit)) break;
+    int due;
+    while ((due = heap_due(s->heap, limit, window, drain)) > 0) {
         PyObject *e = heap_pop(s->heap);
         if (!e) return -1;
         PyObject *key = PyTuple_GetSlice(e, 1, 3);  /* (rid, item) */
@@ -298,10 +296,9 @@ static int emit(state_t *s, long long limit, long long window, int drain, PyObje
         c->emitted++;
         c->positives += clicked;
     }
+    if (due < 0) return -1;
     /* orphan clicks whose window closed can no longer label anything */
-    for (;;) {
-        if (heap_top_ts(s->orphan_heap, &top, &empty) < 0) return -1;
-        if (empty || !(drain || top + window < limit)) break;
+    while ((due = heap_due(s->orphan_heap, limit, window, drain)) > 0) {
         PyObject *e = heap_pop(s->orphan_heap);
         if (!e) return -1;
         PyObject *key = PyTuple_GetSlice(e, 1, 3);
@@ -319,7 +316,7 @@ static int emit(state_t *s, long long limit, long long window, int drain, PyObje
         }
         Py_DECREF(key);
     }
-    return 0;
+    return due < 0 ? -1 : 0;
 }
 
 static PyObject *emit_ready(PyObject *self, PyObject *args) {
@@ -424,15 +421,9 @@ static PyObject *join(PyObject *self, PyObject *args) {
         }
         if (wm_before[i] > wm) wm = wm_before[i];
         /* label what the earlier events closed, even when this event did not move the watermark */
-        long long limit = wm - lateness - window, top;
-        int empty, due = 0;
-        if (heap_top_ts(s.heap, &top, &empty) < 0) goto done;
-        if (!empty && top < limit) due = 1;
-        if (!due) {
-            if (heap_top_ts(s.orphan_heap, &top, &empty) < 0) goto done;
-            due = !empty && top < limit;
-        }
-        if (due && emit(&s, wm - lateness, window, 0, out, &b, &c) < 0) goto done;
+        int due = heap_due(s.heap, wm - lateness, window, 0);
+        if (due == 0) due = heap_due(s.orphan_heap, wm - lateness, window, 0);
+        if (due < 0 || (due && emit(&s, wm - lateness, window, 0, out, &b, &c) < 0)) goto done;
 
         long long t = ts[r];
         PyObject *rid = PySequence_GetItem(rid_seq, r);
