@@ -237,8 +237,13 @@ class BatchingSender:
         self._sender = producer._sender
         self._crc = crc32c.crc32c
         self._tp_cls, self._batch_cls, self._ok = TopicPartition, ProducerBatch, FinalState.SUCCEEDED
-        self._pending: dict[tuple[str, int], tuple[list[bytes | None], list[bytes | None], list[int]]] = {}
-        self._oldest = 0.0  # monotonic time of the oldest pending record (when any)
+        # per partition: keys, values, [bytes so far], monotonic time of its first record. A partition's
+        # entry is made at its first record and removed when it ships, so the dict's insertion order is
+        # the order of first records: the first entry holds the oldest pending record.
+        self._pending: dict[tuple[str, int],
+                            tuple[list[bytes | None], list[bytes | None], list[int], float]] = {}
+        self._oldest = 0.0  # the first entry's first-record time (when any)
+        self._clock = time.monotonic
         self._shipped: list[Any] = []
         assert _kafkarecords is not None  # usable() said so
         self._build = _kafkarecords.build_v2
@@ -279,17 +284,18 @@ class BatchingSender:
             self._ship(topic, partition)
             pend = None
         if pend is None:
+            now = self._clock()
             if not self._pending:
-                self._oldest = time.monotonic()
-            pend = self._pending[(topic, partition)] = ([], [], [0])
+                self._oldest = now
+            pend = self._pending[(topic, partition)] = ([], [], [0], now)
         pend[0].append(k)
         pend[1].append(v)
         pend[2][0] += rec
-        if time.monotonic() - self._oldest >= LINGER_S:
+        if self._clock() - self._oldest >= LINGER_S:
             self.ship_all()
 
     def _ship(self, topic: str, partition: int) -> None:
-        keys, values, _ = self._pending.pop((topic, partition))
+        keys, values, _, _ = self._pending.pop((topic, partition))
         buf = self._build(keys, values, int(time.time() * 1000))
         buf[17:21] = self._crc(memoryview(buf)[21:]).to_bytes(4, "big")
         tp = self._tp_cls(topic, partition)
@@ -302,8 +308,8 @@ class BatchingSender:
             acc._incomplete.add(batch)
         self._shipped.append(batch)
         self._sender.wakeup()
-        if self._pending:
-            self._oldest = time.monotonic()
+        if self._pending:  # the other partitions' records keep their own age
+            self._oldest = next(iter(self._pending.values()))[3]
 
     def ship_all(self) -> None:
         for topic, partition in list(self._pending):

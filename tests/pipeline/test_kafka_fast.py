@@ -220,6 +220,33 @@ def test_batching_sender_reports_a_batch_that_was_never_delivered(broker):
     kp.close()
 
 
+def test_batching_sender_lingers_from_each_partitions_first_record(broker):
+    """No record waits past LINGER_S for its batch to be built: shipping one partition (it filled up)
+    leaves the other partitions' records their own age, it does not restart their clock."""
+    from kafka import KafkaProducer
+
+    from pipeline.broker import create_topics
+
+    topic = f"linger-{uuid.uuid4().hex[:8]}"
+    create_topics(broker.bootstrap, {topic: 2})
+    kp = KafkaProducer(bootstrap_servers=broker.bootstrap, enable_idempotence=False, linger_ms=0,
+                       max_request_size=1 << 20)
+    s = _kafka_fast.BatchingSender(kp)
+    now = [100.0]
+    s._clock = lambda: now[0]
+    linger = _kafka_fast.LINGER_S
+    s.add(topic, 0, b"k", b"waits")  # the oldest record
+    now[0] += 0.6 * linger
+    s.add(topic, 1, b"k", b"x" * (_kafka_fast.BATCH_BYTES - 100))
+    s.add(topic, 1, b"k", b"y" * 1000)  # partition 1 is full: its batch ships, partition 0's stays
+    assert [tp for tp in s._pending] == [(topic, 0), (topic, 1)]
+    now[0] += 0.6 * linger  # partition 0's record is now 1.2 linger old, partition 1's 0.6
+    s.add(topic, 1, b"k", b"z")
+    assert not s._pending, "the oldest record waited past LINGER_S"
+    assert s.flush() == []
+    kp.close()
+
+
 def test_fast_paths_stay_off_where_they_do_not_apply(broker, monkeypatch):
     from kafka import KafkaConsumer, KafkaProducer
     from kafka.serializer import Deserializer
