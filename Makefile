@@ -10,7 +10,7 @@ PYTEST  := $(BIN)/python -m pytest
 help:            ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
-$(STAMP): pyproject.toml setup.py pipeline/_fastdecode.c pipeline/_kafkarecords.c pipeline/_joincore.c
+$(STAMP): pyproject.toml setup.py pipeline/_fastdecode.c pipeline/_kafkarecords.c pipeline/_joincore.c pipeline/_storecore.c
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: the CPU build; a looser pin pulls several GB of CUDA wheels.

@@ -41,7 +41,7 @@ import numpy as np
 
 from pipeline.exceptions import OffsetRegressionError
 from pipeline.kafka import ProducerAdapter, TopicPartitionT
-from pipeline.state import Behaviors, SequenceStore, StateDelta
+from pipeline.state import GroupedAppends, SequenceStore, StateDelta
 
 __all__ = ["Checkpoint", "CommitPolicy", "DEFAULT_COMMIT_INTERVAL_MS", "DEFAULT_COMMIT_MAX_EVENTS"]
 
@@ -126,19 +126,12 @@ class Checkpoint:
             self.opened = self._clock()  # the interval runs from the first record, not from the last commit
         self.events += events
 
-    def _grouped_appends(self) -> dict[int, Behaviors]:
+    def _grouped_appends(self) -> GroupedAppends:
         if not self._cols:
-            return {}
+            return GroupedAppends.of({})
         cols = [np.concatenate(c) if len(self._cols) > 1 else c[0] for c in zip(*self._cols, strict=True)]
         user, item, cat, act, ts = cols
-        order = np.argsort(user, kind="stable")  # stable: each user's behaviors keep arrival order
-        us = user[order]
-        item, cat, act, ts = item[order], cat[order], act[order], ts[order]
-        cut = np.flatnonzero(us[1:] != us[:-1]) + 1
-        starts = np.concatenate(([0], cut)).tolist()
-        ends = np.concatenate((cut, [len(us)])).tolist()
-        return {u: Behaviors(item[a:z], cat[a:z], act[a:z], ts[a:z])
-                for u, a, z in zip(us[starts].tolist(), starts, ends, strict=True)}
+        return GroupedAppends.from_columns(user, item, cat, act, ts)
 
     def commit(self, store: SequenceStore, producer: ProducerAdapter,
                on_committed: Callable[[dict[TopicPartitionT, int]], None] | None = None) -> StateDelta | None:

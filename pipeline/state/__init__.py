@@ -5,9 +5,16 @@ from __future__ import annotations
 from urllib.parse import parse_qs, urlparse
 
 from pipeline.exceptions import StoreConfigError
-from pipeline.state.base import DEFAULT_LIFELONG_CAP, Behaviors, SequenceStore, StateDelta, empty_behaviors
+from pipeline.state.base import (
+    DEFAULT_LIFELONG_CAP,
+    Behaviors,
+    GroupedAppends,
+    SequenceStore,
+    StateDelta,
+    empty_behaviors,
+)
 
-__all__ = ["Behaviors", "SequenceStore", "StateDelta", "empty_behaviors", "open_store", "SUPPORTED_STORES"]
+__all__ = ["Behaviors", "GroupedAppends", "SequenceStore", "StateDelta", "empty_behaviors", "open_store", "SUPPORTED_STORES"]
 
 SUPPORTED_STORES = ("lmdb:///abs/path", "lmdb://./rel/path", "redis://host:port/db", "memory://")
 

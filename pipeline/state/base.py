@@ -19,7 +19,7 @@ import numpy as np
 
 from pipeline.exceptions import OffsetRegressionError
 
-__all__ = ["Behaviors", "SequenceStore", "StateDelta", "empty_behaviors", "DEFAULT_LIFELONG_CAP",
+__all__ = ["Behaviors", "GroupedAppends", "SequenceStore", "StateDelta", "empty_behaviors", "DEFAULT_LIFELONG_CAP",
            "check_expected_offsets"]
 
 #: Behaviors kept per user; older ones are trimmed while positions stay absolute. 100k covers the
@@ -75,11 +75,79 @@ def empty_behaviors(start: int = 0) -> Behaviors:
     return Behaviors(z, z, np.zeros(0, dtype=np.uint8), z, start)
 
 
+class GroupedAppends(Mapping[int, Behaviors]):
+    """The appends of many users as one set of columns grouped by user: user ``users[i]`` appends
+    rows ``[bounds[i], bounds[i + 1])``, oldest first. ``users`` is ascending and unique.
+
+    What the worker's checkpoint hands to :meth:`SequenceStore.commit` (its batches' columns, sorted
+    by user once); a backend can take the columns whole (LMDB plans every user's chunks in one C
+    call) or read it as the mapping user -> :class:`Behaviors` it also is.
+    """
+
+    __slots__ = ("users", "bounds", "item", "category", "action", "ts", "_index")
+
+    def __init__(self, users: np.ndarray, bounds: np.ndarray, item: np.ndarray, category: np.ndarray,
+                 action: np.ndarray, ts: np.ndarray) -> None:
+        self.users = np.ascontiguousarray(users, np.int64)
+        self.bounds = np.ascontiguousarray(bounds, np.int64)
+        self.item = np.ascontiguousarray(item, np.int64)
+        self.category = np.ascontiguousarray(category, np.int64)
+        self.action = np.ascontiguousarray(action, np.uint8)
+        self.ts = np.ascontiguousarray(ts, np.int64)
+        self._index: dict[int, int] | None = None
+        n = len(self.item)
+        if (len(self.bounds) != len(self.users) + 1 or not len(self.category) == len(self.action) == len(self.ts) == n
+                or (len(self.bounds) and (self.bounds[0] != 0 or self.bounds[-1] != n))
+                or bool((np.diff(self.bounds) < 0).any()) or bool((np.diff(self.users) <= 0).any())):
+            raise ValueError("GroupedAppends: users must be ascending and unique, bounds cut the columns from 0 "
+                             "to their length, and the columns have one length")
+
+    @classmethod
+    def from_columns(cls, user: np.ndarray, item: np.ndarray, category: np.ndarray, action: np.ndarray,
+                     ts: np.ndarray) -> GroupedAppends:
+        """Rows of any users in arrival order, grouped by user (a stable sort: each user's rows keep
+        their order)."""
+        order = np.argsort(user, kind="stable")
+        us = user[order]
+        cut = np.flatnonzero(us[1:] != us[:-1]) + 1
+        starts = np.concatenate(([0], cut)).astype(np.int64)
+        bounds = np.concatenate((starts, [len(us)])).astype(np.int64)
+        return cls(us[starts] if len(us) else us, bounds if len(us) else np.zeros(1, np.int64), item[order],
+                   category[order], action[order], ts[order])
+
+    @classmethod
+    def of(cls, appends: Mapping[int, Behaviors]) -> GroupedAppends:
+        """``appends`` itself when grouped already, else its non-empty users' rows grouped."""
+        if isinstance(appends, GroupedAppends):
+            return appends
+        users = sorted(u for u, b in appends.items() if len(b))
+        parts = [appends[u] for u in users]
+        bounds = np.zeros(len(users) + 1, np.int64)
+        np.cumsum([len(b) for b in parts], out=bounds[1:])
+        cat = Behaviors.concat(parts)
+        return cls(np.array(users, np.int64), bounds, cat.item, cat.category, cat.action, cat.ts)
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.users.tolist())
+
+    def __getitem__(self, user: int) -> Behaviors:
+        if self._index is None:
+            self._index = {u: i for i, u in enumerate(self.users.tolist())}
+        return self._at(self._index[user])
+
+    def _at(self, i: int) -> Behaviors:
+        a, z = int(self.bounds[i]), int(self.bounds[i + 1])
+        return Behaviors(self.item[a:z], self.category[a:z], self.action[a:z], self.ts[a:z])
+
+
 @dataclass
 class StateDelta:
     """Everything one worker batch changes, applied atomically by :meth:`SequenceStore.commit`.
 
-    ``appends`` maps user -> new behaviors (in order). ``pending_put``/``pending_del`` edit the
+    ``appends`` maps user -> new behaviors (in order); the worker gives a :class:`GroupedAppends`. ``pending_put``/``pending_del`` edit the
     pending-impression table (key -> opaque bytes; deletes apply before puts), ``offsets`` are the
     next offsets to consume per (topic, partition) for the consumer ``group``; ``meta`` holds small
     worker values (watermarks).
@@ -91,7 +159,7 @@ class StateDelta:
     """
 
     group: str
-    appends: dict[int, Behaviors] = field(default_factory=dict)
+    appends: Mapping[int, Behaviors] = field(default_factory=dict)
     pending_put: dict[bytes, bytes] = field(default_factory=dict)
     pending_del: set[bytes] = field(default_factory=set)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)

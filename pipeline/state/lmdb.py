@@ -19,16 +19,17 @@ from pathlib import Path
 import lmdb
 
 from pipeline.exceptions import StoreConfigError
-from pipeline.state._chunks import append_chunks, clip, column_bytes, read_range, tail_chunk_index
+from pipeline.state._chunks import append_chunks_many_ref, clip, read_range
 from pipeline.state.base import (
     DEFAULT_LIFELONG_CAP,
     Behaviors,
+    GroupedAppends,
     SequenceStore,
     StateDelta,
     check_expected_offsets,
     empty_behaviors,
 )
-from pipeline.state.serialization import CHUNK_ROWS, decode_chunk, decode_pos, encode_pos
+from pipeline.state.serialization import CHUNK_ROWS, decode_chunk, decode_pos
 
 __all__ = ["LmdbSequenceStore"]
 
@@ -37,6 +38,11 @@ __all__ = ["LmdbSequenceStore"]
 DEFAULT_MAP_SIZE = 1 << 40
 
 _FORMAT_KEY = b"__format__"
+
+try:  # every user's chunk plan in one C call (pipeline/_storecore.c); the reference otherwise
+    from pipeline._storecore import append_chunks_many as _append_chunks_many
+except ImportError:  # pragma: no cover - built by `make` (setup.py); tests require it
+    _append_chunks_many = append_chunks_many_ref
 
 
 def _seq_key(user: int, chunk: int) -> bytes:
@@ -165,25 +171,21 @@ class LmdbSequenceStore(SequenceStore):
                     if v is not None:
                         stored[tp] = struct.unpack(">Q", v)[0]
                 check_expected_offsets(delta, stored)
-            pos_db, seq_db = self._pos, self._seq
-            for user, new in delta.appends.items():
-                if not len(new):
-                    continue
-                uk = _user_key(user)
-                start, end = decode_pos(txn.get(uk, db=pos_db))
-                tci = tail_chunk_index(end)
-                tail = None if tci is None else txn.get(_seq_key(user, tci), db=seq_db)
-                writes, deletes, new_start, new_end = append_chunks(start, end, tail, *column_bytes(new),
-                                                                    cap=self.cap)
-                for ci, chunk in writes.items():
-                    txn.put(_seq_key(user, ci), chunk, db=seq_db)
-                for ci in deletes:
-                    txn.delete(_seq_key(user, ci), db=seq_db)
-                txn.put(uk, encode_pos(new_start, new_end), db=pos_db)
+            appends = GroupedAppends.of(delta.appends)
+            if len(appends):
+                seq = txn.cursor(db=self._seq)
+                pos = txn.cursor(db=self._pos)
+                writes, deletes, positions = _append_chunks_many(
+                    appends.users, appends.bounds, appends.item, appends.category, appends.ts, appends.action,
+                    pos.get, seq.get, CHUNK_ROWS, self.cap, StoreConfigError)
+                seq.putmulti(writes)
+                for k in deletes:
+                    txn.delete(k, db=self._seq)
+                pos.putmulti(positions)
             for k in delta.pending_del:
                 txn.delete(k, db=self._pending)
-            for k, v in delta.pending_put.items():
-                txn.put(k, v, db=self._pending)
+            if delta.pending_put:
+                txn.cursor(db=self._pending).putmulti(delta.pending_put.items())
             for (topic, part), off in delta.offsets.items():
                 txn.put(offset_key(delta.group, topic, part), struct.pack(">Q", off), db=self._offsets)
             for k, v in delta.meta.items():

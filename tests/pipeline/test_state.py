@@ -259,3 +259,118 @@ def test_redis_bad_uri_and_namespaces(redis_server):
     a, b = open_store(redis_server.store_uri()), open_store(redis_server.store_uri())
     _append(a, 1, make_behaviors(5))
     assert a.length(1) == 5 and b.length(1) == 0 and list(b.users()) == []
+
+
+# ---- the LMDB store's chunk planner: C (pipeline/_storecore.c) against its reference ---------------
+
+def test_the_store_planner_is_built_and_is_what_lmdb_uses():
+    from pipeline import _storecore
+    from pipeline.state import lmdb as lmdb_store
+
+    assert lmdb_store._append_chunks_many is _storecore.append_chunks_many
+
+
+class _Kv(dict):
+    """A store's keys as the planner reads and writes them (``get`` returns None when absent)."""
+
+    def apply(self, plan):
+        writes, deletes, positions = plan
+        self.update(writes)
+        for k in deletes:  # may name a chunk never written (one commit larger than the cap)
+            self.pop(k, None)
+        self.update(positions)
+
+
+def _plan(fn, kv, ga, chunk_rows, cap):
+    from pipeline.exceptions import StoreConfigError
+
+    return fn(ga.users, ga.bounds, ga.item, ga.category, ga.ts, ga.action, kv.get, kv.get, chunk_rows, cap,
+              StoreConfigError)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_store_planner_c_equals_reference(data):
+    """Any sequence of commits (any users, lengths across chunk boundaries, any lifelong cap, any
+    chunk size): the C planner returns exactly the reference's writes, deletes and positions."""
+    from pipeline._storecore import append_chunks_many
+    from pipeline.state import GroupedAppends
+    from pipeline.state._chunks import append_chunks_many_ref
+
+    chunk_rows = data.draw(st.sampled_from([1, 3, 16, CHUNK_ROWS]))
+    cap = data.draw(st.sampled_from([1, 5, 40, 1000, 100_000]))
+    kv = _Kv()
+    for step in range(data.draw(st.integers(1, 6))):
+        users = sorted(data.draw(st.sets(st.integers(0, 2**63 - 1) | st.integers(1, 5), min_size=1, max_size=4)))
+        ga = GroupedAppends.of({u: make_behaviors(data.draw(st.sampled_from([0, 1, 2, 15, 16, 17, 300])),
+                                                  seed=step * 7 + i) for i, u in enumerate(users)})
+        want = _plan(append_chunks_many_ref, kv, ga, chunk_rows, cap)
+        assert _plan(append_chunks_many, kv, ga, chunk_rows, cap) == want
+        kv.apply(want)
+
+
+@pytest.mark.parametrize("damage", ["no tail", "short count", "short bytes", "bad position"])
+def test_store_planner_refuses_a_corrupt_store_like_the_reference(damage):
+    import struct
+
+    from pipeline._storecore import append_chunks_many
+    from pipeline.exceptions import StoreConfigError
+    from pipeline.state import GroupedAppends
+    from pipeline.state._chunks import append_chunks_many_ref
+
+    kv = _Kv()
+    ga = GroupedAppends.of({9: make_behaviors(20)})
+    kv.apply(_plan(append_chunks_many_ref, kv, ga, 16, 100))
+    uk, tail_key = struct.pack(">Q", 9), struct.pack(">QI", 9, 1)
+    if damage == "no tail":
+        del kv[tail_key]
+    elif damage == "short count":
+        kv[tail_key] = struct.pack("<H", 3) + kv[tail_key][2:]
+    elif damage == "short bytes":
+        kv[tail_key] = kv[tail_key][:-1]
+    else:
+        kv[uk] = kv[uk][:15]
+    msgs = []
+    for fn in (append_chunks_many_ref, append_chunks_many):
+        with pytest.raises(StoreConfigError, match="store is corrupt") as e:
+            _plan(fn, kv, ga, 16, 100)
+        msgs.append(str(e.value))
+    assert msgs[0] == msgs[1]
+
+
+def test_lmdb_commits_the_same_with_the_reference_planner(tmp_path, monkeypatch):
+    """The Python planner (used where the C extension is not built) stores the same sequences."""
+    from pipeline.state import lmdb as lmdb_store
+    from pipeline.state._chunks import append_chunks_many_ref
+
+    digests = []
+    for name, fn in (("c", lmdb_store._append_chunks_many), ("ref", append_chunks_many_ref)):
+        monkeypatch.setattr(lmdb_store, "_append_chunks_many", fn)
+        s = open_store(f"lmdb://{tmp_path}/{name}", cap=300)
+        for step in range(5):
+            s.commit(StateDelta("g", appends={u: make_behaviors(97 * (u + step) % 400, seed=step * 5 + u)
+                                              for u in range(1, 5)}, offsets={("events", 0): step + 1}))
+        digests.append(s.digest())
+        s.close()
+    assert digests[0] == digests[1]
+
+
+def test_grouped_appends_is_the_mapping_it_groups():
+    from pipeline.state import GroupedAppends
+
+    rng = np.random.default_rng(3)
+    user = rng.integers(1, 6, 200)
+    b = make_behaviors(200, seed=1)
+    ga = GroupedAppends.from_columns(user, b.item, b.category, b.action, b.ts)
+    assert list(ga) == sorted(set(user.tolist()))
+    for u in ga:
+        rows = np.flatnonzero(user == u)  # arrival order kept within a user
+        got = ga[u]
+        assert np.array_equal(got.item, b.item[rows]) and np.array_equal(got.ts, b.ts[rows])
+        assert np.array_equal(got.action, b.action[rows]) and np.array_equal(got.category, b.category[rows])
+    assert GroupedAppends.of(ga) is ga
+    again = GroupedAppends.of(dict(ga.items()) | {99: make_behaviors(0)})
+    assert list(again) == list(ga) and np.array_equal(again.bounds, ga.bounds)
+    assert len(GroupedAppends.of({})) == 0 and len(GroupedAppends.from_columns(*(np.zeros(0, np.int64),) * 5)) == 0
+    with pytest.raises(ValueError, match="ascending"):
+        GroupedAppends(np.array([2, 1]), np.array([0, 1, 2]), *(np.zeros(2, np.int64),) * 4)
