@@ -11,6 +11,7 @@
  *     -> (watermark, emitted, positives, unmatched, duplicates)
  * emit_ready(st, limit, window, drain, out) -> (emitted, positives, unmatched)
  * sample_json(pending) -> bytes
+ * stage(touched, live, stored, prefix, kind, put, dele) -> None
  *
  * st: has pending (dict (rid, item) -> pending list), orphans (dict (rid, item) -> click ts), heap
  * and orphan_heap (heapq lists of (ts, rid, item)), touched and touched_orphans (sets of keys).
@@ -524,10 +525,117 @@ done:
     return result;
 }
 
+/* ---- staging a commit's pending edits ---------------------------------------------------------- */
+
+/* pipeline.joins.encode_pending, byte for byte (json.dumps of the list): b is reset first */
+static int build_pending(buf_t *b, PyObject *p) {
+    if (check_pending(p) < 0) return -1;
+    long long user, item, cat, ts, seq_pos;
+    if (field_ll(p, P_USER, &user) < 0 || field_ll(p, P_ITEM, &item) < 0 || field_ll(p, P_CAT, &cat) < 0 ||
+        field_ll(p, P_TS, &ts) < 0 || field_ll(p, P_SEQ_POS, &seq_pos) < 0)
+        return -1;
+    int clicked = PyObject_IsTrue(PyList_GET_ITEM(p, P_CLICKED));
+    if (clicked < 0) return -1;
+    b->len = 0;
+    if (buf_put(b, "[", 1) < 0 || buf_ll(b, user) < 0 || buf_lit(b, ", ") < 0 ||
+        buf_json_str(b, PyList_GET_ITEM(p, P_USER_RAW)) < 0 || buf_lit(b, ", ") < 0 || buf_ll(b, item) < 0 ||
+        buf_lit(b, ", ") < 0 || buf_json_str(b, PyList_GET_ITEM(p, P_ITEM_RAW)) < 0 || buf_lit(b, ", ") < 0 ||
+        buf_ll(b, cat) < 0 || buf_lit(b, ", ") < 0 || buf_json_str(b, PyList_GET_ITEM(p, P_CAT_RAW)) < 0 ||
+        buf_lit(b, ", ") < 0 || buf_ll(b, ts) < 0 || buf_lit(b, ", ") < 0 || buf_ll(b, seq_pos) < 0 ||
+        buf_lit(b, ", ") < 0 || buf_json_str(b, PyList_GET_ITEM(p, P_RID)) < 0 ||
+        buf_lit(b, clicked ? ", true]" : ", false]") < 0)
+        return -1;
+    return 0;
+}
+
+/* prefix + kind + request_id (UTF-8) + NUL + item (u64 BE): a new reference */
+static PyObject *pending_key(const char *prefix, Py_ssize_t plen, char kind, PyObject *key) {
+    if (!PyTuple_Check(key) || PyTuple_GET_SIZE(key) != 2) {
+        PyErr_SetString(PyExc_TypeError, "a pending key must be a (request_id, item) tuple");
+        return NULL;
+    }
+    PyObject *rid = PyTuple_GET_ITEM(key, 0);
+    if (!PyUnicode_Check(rid)) { PyErr_SetString(PyExc_TypeError, "a request_id must be str"); return NULL; }
+    Py_ssize_t rlen;
+    const char *r = PyUnicode_AsUTF8AndSize(rid, &rlen);
+    if (!r) return NULL;
+    unsigned long long item = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(key, 1));
+    if (item == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    PyObject *k = PyBytes_FromStringAndSize(NULL, plen + 1 + rlen + 1 + 8);
+    if (!k) return NULL;
+    char *o = PyBytes_AS_STRING(k);
+    memcpy(o, prefix, (size_t)plen);
+    o += plen;
+    *o++ = kind;
+    memcpy(o, r, (size_t)rlen);
+    o += rlen;
+    *o++ = 0;
+    for (int i = 7; i >= 0; i--) { o[i] = (char)(item & 0xff); item >>= 8; }
+    return k;
+}
+
+/* pipeline.joins.stage_ref */
+static PyObject *stage(PyObject *self, PyObject *args) {
+    PyObject *touched, *live, *stored, *put, *dele;
+    const char *prefix, *kind;
+    Py_ssize_t plen, klen;
+    if (!PyArg_ParseTuple(args, "O!O!O!y#y#O!O!:stage", &PySet_Type, &touched, &PyDict_Type, &live, &PySet_Type,
+                          &stored, &prefix, &plen, &kind, &klen, &PyDict_Type, &put, &PySet_Type, &dele))
+        return NULL;
+    if (klen != 1 || (kind[0] != 'I' && kind[0] != 'C')) {
+        PyErr_SetString(PyExc_ValueError, "kind must be b'I' or b'C'");
+        return NULL;
+    }
+    buf_t b = {0};
+    PyObject *it = PyObject_GetIter(touched), *key;
+    if (!it) return NULL;
+    int ok = 1;
+    /* `touched` is not changed while it is walked: only cleared at the end */
+    while (ok && (key = PyIter_Next(it))) {
+        PyObject *value = PyDict_GetItemWithError(live, key);  /* borrowed */
+        if (!value && PyErr_Occurred()) { Py_DECREF(key); ok = 0; break; }
+        if (value == Py_None) value = NULL;  /* as live.get(key) is None */
+        int has = value ? 1 : PySet_Contains(stored, key);
+        if (has <= 0) {
+            Py_DECREF(key);
+            if (has < 0) ok = 0;
+            continue;
+        }
+        PyObject *k = pending_key(prefix, plen, kind[0], key);
+        if (!k) { Py_DECREF(key); ok = 0; break; }
+        if (value) {
+            PyObject *v = NULL;
+            if (kind[0] == 'I') {
+                if (build_pending(&b, value) == 0) v = PyBytes_FromStringAndSize(b.p, b.len);
+            } else {
+                long long cts = PyLong_AsLongLong(value);
+                if (!(cts == -1 && PyErr_Occurred())) {
+                    unsigned long long u = (unsigned long long)cts;
+                    char be[8];
+                    for (int i = 7; i >= 0; i--) { be[i] = (char)(u & 0xff); u >>= 8; }
+                    v = PyBytes_FromStringAndSize(be, 8);
+                }
+            }
+            ok = v && PyDict_SetItem(put, k, v) == 0 && PySet_Add(stored, key) == 0;
+            Py_XDECREF(v);
+        } else {
+            ok = PySet_Add(dele, k) == 0 && PySet_Discard(stored, key) >= 0;
+        }
+        Py_DECREF(k);
+        Py_DECREF(key);
+    }
+    Py_DECREF(it);
+    PyMem_Free(b.p);
+    if (!ok || PyErr_Occurred()) return NULL;
+    if (PySet_Clear(touched) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"join", join, METH_VARARGS, "Apply one partition's impressions and clicks in arrival order (see pipeline.joins)."},
     {"emit_ready", emit_ready, METH_VARARGS, "Label the pending impressions whose window closed (see pipeline.joins)."},
     {"sample_json", sample_json, METH_O, "A pending impression's sample, as published (see pipeline.joins)."},
+    {"stage", stage, METH_VARARGS, "Stage the touched pending keys into a commit's edits (see pipeline.joins)."},
     {NULL, NULL, 0, NULL},
 };
 

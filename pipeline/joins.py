@@ -33,6 +33,7 @@ import heapq
 import json
 import logging
 import os
+import struct
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -156,14 +157,42 @@ def join_ref(st: Any, batch: Any, rows: Any, wm_before: Any, seq_pos: Any, water
     return wm, emitted, positives, unmatched, duplicates
 
 
+_CLICK_TS = struct.Struct(">q")
+_U64 = struct.Struct(">Q")
+
+
+def stage_ref(touched: set[tuple[str, int]], live: dict[tuple[str, int], Any], stored: set[tuple[str, int]],
+              prefix: bytes, kind: bytes, put: dict[bytes, bytes], dele: set[bytes]) -> None:
+    """Stage the keys ``touched`` since the last commit, of one kind of a partition's pending state,
+    into a commit's edits: a put of the current value, or a delete of a key the store holds
+    (``stored``, kept up to date). ``kind`` is ``b"I"`` (``live`` = ``pending``, a value stored as
+    :func:`encode_pending`) or ``b"C"`` (``live`` = ``orphans``, a click ts stored as a signed
+    big-endian i64). Store key: ``prefix + kind + request_id (UTF-8) + b"\\x00" + item_hash (u64 BE)``.
+    ``touched`` is emptied."""
+    if kind not in (b"I", b"C"):
+        raise ValueError(f"kind must be b'I' or b'C', got {kind!r}")
+    encode = encode_pending if kind == b"I" else _CLICK_TS.pack
+    for key in touched:
+        rid, item = key
+        value = live.get(key)
+        if value is not None:
+            put[b"".join((prefix, kind, rid.encode(), b"\x00", _U64.pack(item)))] = encode(value)
+            stored.add(key)
+        elif key in stored:
+            dele.add(b"".join((prefix, kind, rid.encode(), b"\x00", _U64.pack(item))))
+            stored.discard(key)
+    touched.clear()
+
+
 class JoinImpl(NamedTuple):
     name: str
     join: Callable[..., tuple[int, int, int, int, int]]
     emit_ready: Callable[..., tuple[int, int, int]]
     sample_json: Callable[[list[Any]], bytes]
+    stage: Callable[..., None]
 
 
-REFERENCE = JoinImpl("python", join_ref, emit_ready_ref, sample_json_ref)
+REFERENCE = JoinImpl("python", join_ref, emit_ready_ref, sample_json_ref, stage_ref)
 
 
 def _load_c() -> JoinImpl | None:
@@ -175,7 +204,7 @@ def _load_c() -> JoinImpl | None:
     except ImportError:
         log.info("pipeline._joincore is not built: the worker joins in Python (same results, slower)")
         return None
-    return JoinImpl("c", _joincore.join, _joincore.emit_ready, _joincore.sample_json)
+    return JoinImpl("c", _joincore.join, _joincore.emit_ready, _joincore.sample_json, _joincore.stage)
 
 
 #: what the worker uses: the C loop when built and not switched off, else the reference

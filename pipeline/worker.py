@@ -75,7 +75,7 @@ from pipeline.checkpoint import Checkpoint, CommitPolicy
 from pipeline.config import WorkerSettings
 from pipeline.events import ACTIONS, BEHAVIOR, CLICK, IMPRESSION, RawRecord, RecordBatch, decode_batch
 from pipeline.exceptions import OffsetRegressionError
-from pipeline.joins import P_TS, JoinImpl, decode_pending, encode_pending, sample_id
+from pipeline.joins import P_TS, JoinImpl, decode_pending, sample_id
 from pipeline.kafka import ConsumerAdapter, ProducerAdapter, TopicPartitionT, make_consumer, make_producer
 from pipeline.state import SequenceStore, StateDelta, open_store
 
@@ -169,10 +169,6 @@ class StreamWorker:
             p = self._prefixes[tp] = f"{self._group}\x00{tp[0]}\x00".encode() + struct.pack(">I", tp[1])
         return p
 
-    def _pkey(self, tp: TopicPartitionT, kind: bytes, rid: str, item: int) -> bytes:
-        p = self._prefixes.get(tp) or self._prefix(tp)
-        return b"".join((p, kind, rid.encode(), b"\x00", _Q.pack(item)))
-
     def _wm_key(self, tp: TopicPartitionT) -> bytes:
         return b"wm\x00" + self._prefix(tp)
 
@@ -249,27 +245,15 @@ class StreamWorker:
 
     def _stage_pending(self, delta: StateDelta) -> None:
         """Write the pending impressions and orphan clicks changed since the last commit into the
-        checkpoint: a put of the current value, or a delete of a key the store holds. (A failed
-        commit discards every partition's state, ``stored`` included, so staging early is safe.)"""
+        checkpoint: a put of the current value, or a delete of a key the store holds (``stage`` of
+        :mod:`pipeline.joins`). A failed commit discards every partition's state, ``stored``
+        included, so staging early is safe."""
+        stage, put, dele = self._jimpl.stage, delta.pending_put, delta.pending_del
         for tp, st in self._parts.items():
             if st.touched:
-                self._stage(delta, tp, b"I", st.touched, st.pending, st.stored, encode_pending)
+                stage(st.touched, st.pending, st.stored, self._prefix(tp), b"I", put, dele)
             if st.touched_orphans:
-                self._stage(delta, tp, b"C", st.touched_orphans, st.orphans, st.stored_orphans, _WM.pack)
-
-    def _stage(self, delta: StateDelta, tp: TopicPartitionT, kind: bytes, touched: set[tuple[str, int]],
-               live: dict[tuple[str, int], Any], stored: set[tuple[str, int]], encode: Callable[[Any], bytes]) -> None:
-        """One kind of pending key (``b"I"`` impressions, ``b"C"`` orphan clicks) of one partition."""
-        put, dele, pkey = delta.pending_put, delta.pending_del, self._pkey
-        for key in touched:
-            value = live.get(key)
-            if value is not None:
-                put[pkey(tp, kind, *key)] = encode(value)
-                stored.add(key)
-            elif key in stored:
-                dele.add(pkey(tp, kind, *key))
-                stored.discard(key)
-        touched.clear()
+                stage(st.touched_orphans, st.orphans, st.stored_orphans, self._prefix(tp), b"C", put, dele)
 
     def commit_if_due(self) -> bool:
         """Commit when the policy says so (``commit_max_events`` or ``commit_interval_ms``)."""

@@ -163,3 +163,46 @@ def test_c_samples_are_the_published_json():
         s = json.loads(value)
         assert key == s["user_id"].encode() and s["sample_id"] == f"r{s['item_id']}:{s['item_hash']:x}"
         assert s["label"] == (int(s["item_id"]) % 2 == 0)
+
+
+_ids = st.text(alphabet=st.characters(codec="utf-8"), max_size=6)
+
+
+@settings(max_examples=150, deadline=None)
+@given(keys=st.lists(st.tuples(_ids, st.integers(0, 2**63 - 1)), max_size=12, unique=True), data=st.data())
+def test_c_stage_equals_the_reference(keys, data):
+    """Staging a commit's pending edits: the same puts (byte-identical values: the pending list's
+    json.dumps, or the click ts as a signed big-endian i64), deletes and ``stored`` from both, for
+    any mix of live, gone-but-stored and never-stored keys, ids with any characters included. Item
+    hashes are 63-bit (pipeline.events masks them)."""
+    kind = data.draw(st.sampled_from([b"I", b"C"]))
+    live, stored = {}, set()
+    for rid, item in keys:
+        state = data.draw(st.sampled_from(["live", "gone", "never"]))
+        if state == "live":
+            live[(rid, item)] = (
+                [data.draw(st.integers(0, 2**63 - 1)), data.draw(_ids), item, data.draw(_ids), 7, data.draw(_ids),
+                 data.draw(st.integers(-2**62, 2**62)), 3, rid, data.draw(st.booleans())]
+                if kind == b"I" else data.draw(st.integers(-2**63, 2**63 - 1)))
+        if state != "never" and data.draw(st.booleans()):
+            stored.add((rid, item))
+    out = []
+    for impl in (joins.REFERENCE, C):
+        touched, put, dele, stored_ = set(keys), {b"old": b"x"}, {b"gone"}, set(stored)
+        impl.stage(touched, dict(live), stored_, b"g\x00events\x00\x00\x00\x00\x01", kind, put, dele)
+        assert not touched
+        out.append((put, dele, stored_))
+    assert out[0] == out[1]
+    for key, value in out[1][0].items():
+        if kind == b"I" and key != b"old":
+            assert json.loads(value) == live[(key.split(b"I", 1)[1][:-9].decode(), int.from_bytes(key[-8:], "big"))]
+
+
+def test_c_stage_refuses_what_the_store_cannot_hold():
+    for impl in (joins.REFERENCE, C):
+        with pytest.raises(ValueError, match="kind"):
+            impl.stage(set(), {}, set(), b"p", b"X", {}, set())
+        with pytest.raises((OverflowError, Exception)):
+            impl.stage({("r", -1)}, {("r", -1): 5}, set(), b"p", b"C", {}, set())
+    with pytest.raises(TypeError, match="list of 10 fields"):
+        C.stage({("r", 1)}, {("r", 1): [1]}, set(), b"p", b"I", {}, set())
