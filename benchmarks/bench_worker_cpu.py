@@ -4,10 +4,14 @@ producer that drops what it is given. What is left is the worker's work (decode,
 sequence appends, joins, labels, sample JSON, the store commit), which on a shared 2-core box can be
 timed far more steadily than a broker run.
 
-One JSON line per (backend, join): ``"join": "c"`` is the worker as shipped (pipeline/_joincore.c),
-``"python"`` the reference loop of pipeline/joins.py; ``ratio`` = the C rate over the Python rate of
-the same backend, same run. Each figure is the best of ``--reps`` runs, alternating, in CPU seconds
-of this process.
+One JSON line per (backend, join, planner): ``"join": "c"`` is the worker as shipped
+(pipeline/_joincore.c: the join, labeling and commit staging), ``"python"`` the reference of
+pipeline/joins.py; on LMDB, ``"planner": "c"`` plans the commit's chunk writes in
+pipeline/_storecore.c (as shipped), ``"python"`` with the reference of pipeline/state/_chunks.py.
+``ratio`` = the rate over the all-Python rate of the same backend, same run. Each figure is the
+best of ``--reps`` runs, alternating, in CPU seconds of this process. The prebuilt batches are moved
+out of the collector's sight (``gc.freeze``): a worker's batches come and go, and a full collection
+walking half a million benchmark records was ~6% of the run.
 
 Run: ``.venv/bin/python benchmarks/bench_worker_cpu.py`` (about a minute on 2 cores).
 """
@@ -73,7 +77,20 @@ def batches(n: int, users: int, batch: int) -> list[RecordBatch]:
     return out
 
 
-def run(batches_: list[RecordBatch], backend: str, impl: joins.JoinImpl) -> dict[str, Any]:
+def run(batches_: list[RecordBatch], backend: str, impl: joins.JoinImpl, planner: str = "c") -> dict[str, Any]:
+    from pipeline.state import _chunks
+    from pipeline.state import lmdb as lmdb_store
+
+    shipped = lmdb_store._append_chunks_many
+    if planner == "python":
+        lmdb_store._append_chunks_many = _chunks.append_chunks_many_ref
+    try:
+        return _run(batches_, backend, impl)
+    finally:
+        lmdb_store._append_chunks_many = shipped
+
+
+def _run(batches_: list[RecordBatch], backend: str, impl: joins.JoinImpl) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-worker-cpu-") as d:
         uri = f"lmdb://{d}/s" if backend == "lmdb" else "memory://"
         store = open_store(uri)
@@ -104,23 +121,27 @@ def main() -> int:
         print("pipeline._joincore is not built", file=sys.stderr)
         return 1
     bs = batches(args.events, args.users, args.batch)
+    gc.freeze()
     n = sum(map(len, bs))
     for backend in args.backends.split(","):
-        best: dict[str, dict[str, Any]] = {}
+        variants = [("c", "c"), ("python", "python")] + ([("c", "python")] if backend == "lmdb" else [])
+        impls = {"c": c, "python": joins.REFERENCE}
+        best: dict[tuple[str, str], dict[str, Any]] = {}
         for _ in range(args.reps):
-            for impl in (c, joins.REFERENCE):
-                r = run(bs, backend, impl)
-                if impl.name not in best or r["cpu_s"] < best[impl.name]["cpu_s"]:
-                    best[impl.name] = r
-        if best["c"]["samples"] != best["python"]["samples"]:
-            raise AssertionError(f"the two joins labeled different numbers of samples: {best}")
-        rate = {k: n / v["cpu_s"] for k, v in best.items()}
-        for name in ("c", "python"):
+            for v in variants:
+                r = run(bs, backend, impls[v[0]], v[1])
+                if v not in best or r["cpu_s"] < best[v]["cpu_s"]:
+                    best[v] = r
+        if len({r["samples"] for r in best.values()}) != 1:
+            raise AssertionError(f"the variants labeled different numbers of samples: {best}")
+        rate = {v: n / r["cpu_s"] for v, r in best.items()}
+        for v in variants:
             print(json.dumps({
-                "bench": "worker_cpu", "backend": backend, "join": name, "events": n,
-                "batch": args.batch, "samples": best[name]["samples"],
-                "cpu_events_per_s": round(rate[name], 1), "us_per_event": round(1e6 / rate[name], 3),
-                "ratio": round(rate[name] / rate["python"], 3), "baseline": "join: python, same backend, same run",
+                "bench": "worker_cpu", "backend": backend, "join": v[0],
+                "planner": v[1] if backend == "lmdb" else None, "events": n, "batch": args.batch,
+                "samples": best[v]["samples"], "cpu_events_per_s": round(rate[v], 1),
+                "us_per_event": round(1e6 / rate[v], 3), "ratio": round(rate[v] / rate[("python", "python")], 3),
+                "baseline": "join and planner: python, same backend, same run",
                 "machine": f"{os.cpu_count()}-core CPU box ({platform.machine()}, {platform.python_implementation()} "
                            f"{platform.python_version()})", "load_avg_1m": round(os.getloadavg()[0], 2)}), flush=True)
     return 0
