@@ -99,7 +99,6 @@ LENGTH_CACHE_MAX = 1 << 20
 #: The previous thresholds are restored when run_worker returns.
 GC_GEN0_THRESHOLD = 50_000
 _WM = struct.Struct(">q")
-_Q = struct.Struct(">Q")
 
 
 @dataclass

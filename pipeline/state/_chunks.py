@@ -28,16 +28,19 @@ def clip(b: Behaviors, lo: int, hi: int) -> Behaviors:
     return Behaviors(b.item[a:z], b.category[a:z], b.action[a:z], b.ts[a:z], lo)
 
 
-def append_chunks(start: int, end: int, tail: bytes | None, item: bytes, category: bytes, ts: bytes,
-                  action: bytes, cap: int, chunk_rows: int = CHUNK_ROWS) -> tuple[dict[int, bytes], list[int], int, int]:
+def append_chunks(start: int, end: int, tail: bytes | None, item: bytes, category: bytes, ts: bytes, action: bytes,
+                  cap: int, chunk_rows: int = CHUNK_ROWS) -> tuple[dict[int, bytes], list[int], int, int]:
     """One user's append, on encoded columns (the tail chunk is never decoded into arrays): which
     chunks to write, which to delete.
 
     ``tail`` is the stored chunk that holds position ``end - 1`` when ``end`` is not on a chunk
     boundary (None otherwise); the new rows come as little-endian column bytes (item/category/ts
     ``i64``, action ``u8``). Returns ``(writes, deletes, new_start, new_end)``: encoded chunks to put
-    by chunk index, chunk indices to delete (lifelong cap), and the new position range. The Redis
-    backend runs the same algorithm inside its commit script (``pipeline.state.redis``).
+    by chunk index, chunk indices to delete (lifelong cap: the whole chunks below the new start; a
+    partly trimmed chunk stays and reads clip it, so positions stay absolute), and the new position
+    range. The Redis backend runs the same algorithm inside its commit script
+    (``pipeline.state.redis``), LMDB in C (``pipeline/_storecore.c``, via
+    :func:`append_chunks_many_ref`'s contract).
     """
     n_new = len(action)
     first = end

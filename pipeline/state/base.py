@@ -147,10 +147,10 @@ class GroupedAppends(Mapping[int, Behaviors]):
 class StateDelta:
     """Everything one worker batch changes, applied atomically by :meth:`SequenceStore.commit`.
 
-    ``appends`` maps user -> new behaviors (in order); the worker gives a :class:`GroupedAppends`. ``pending_put``/``pending_del`` edit the
-    pending-impression table (key -> opaque bytes; deletes apply before puts), ``offsets`` are the
-    next offsets to consume per (topic, partition) for the consumer ``group``; ``meta`` holds small
-    worker values (watermarks).
+    ``appends`` maps user -> new behaviors (in order; the worker gives a :class:`GroupedAppends`).
+    ``pending_put``/``pending_del`` edit the pending-impression table (key -> opaque bytes; deletes
+    apply before puts), ``offsets`` are the next offsets to consume per (topic, partition) for the
+    consumer ``group``; ``meta`` holds small worker values (watermarks).
 
     ``expect_offsets`` fences the commit: for each (topic, partition) listed, the offset the
     committer believes is stored now (None: none stored). If the store holds anything else (another

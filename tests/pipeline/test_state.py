@@ -374,3 +374,34 @@ def test_grouped_appends_is_the_mapping_it_groups():
     assert len(GroupedAppends.of({})) == 0 and len(GroupedAppends.from_columns(*(np.zeros(0, np.int64),) * 5)) == 0
     with pytest.raises(ValueError, match="ascending"):
         GroupedAppends(np.array([2, 1]), np.array([0, 1, 2]), *(np.zeros(2, np.int64),) * 4)
+
+
+def test_store_planner_keeps_no_reference_it_should_not():
+    """Many plans, corrupt-store refusals included: a leaked key, chunk or buffer would grow the
+    traced memory with every cycle."""
+    import tracemalloc
+
+    from pipeline._storecore import append_chunks_many
+    from pipeline.state import GroupedAppends
+
+    ga = GroupedAppends.of({u: make_behaviors(300, seed=u) for u in range(1, 20)})
+
+    def cycle():
+        kv = _Kv()
+        for _ in range(3):
+            kv.apply(_plan(append_chunks_many, kv, ga, CHUNK_ROWS, 500))
+        kv[next(k for k in kv if len(k) == 8)] = b"short"
+        with pytest.raises(Exception, match="corrupt"):
+            _plan(append_chunks_many, kv, ga, CHUNK_ROWS, 500)
+
+    for _ in range(5):
+        cycle()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(100):
+            cycle()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 50_000, f"{grown} bytes kept after 100 cycles"
