@@ -197,29 +197,38 @@ static int field_ll(PyObject *p, int i, long long *v) {
     return (*v == -1 && PyErr_Occurred()) ? -1 : 0;
 }
 
+/* the numeric fields of a pending impression, checked (its strings are read where they are written) */
+typedef struct {
+    long long user, item, cat, ts, seq_pos;
+    int clicked;
+} pending_nums_t;
+
+static int pending_nums(PyObject *p, pending_nums_t *f) {
+    if (check_pending(p) < 0 || field_ll(p, P_USER, &f->user) < 0 || field_ll(p, P_ITEM, &f->item) < 0 ||
+        field_ll(p, P_CAT, &f->cat) < 0 || field_ll(p, P_TS, &f->ts) < 0 || field_ll(p, P_SEQ_POS, &f->seq_pos) < 0)
+        return -1;
+    f->clicked = PyObject_IsTrue(PyList_GET_ITEM(p, P_CLICKED));
+    return f->clicked < 0 ? -1 : 0;
+}
+
 /* pipeline.joins.sample_json_ref, byte for byte (tested against json.dumps): b is reset first */
 static int build_sample(buf_t *b, PyObject *p) {
-    if (check_pending(p) < 0) return -1;
-    long long user, item, cat, ts, seq_pos;
-    if (field_ll(p, P_USER, &user) < 0 || field_ll(p, P_ITEM, &item) < 0 || field_ll(p, P_CAT, &cat) < 0 ||
-        field_ll(p, P_TS, &ts) < 0 || field_ll(p, P_SEQ_POS, &seq_pos) < 0)
-        return -1;
-    int clicked = PyObject_IsTrue(PyList_GET_ITEM(p, P_CLICKED));
-    if (clicked < 0) return -1;
+    pending_nums_t f;
+    if (pending_nums(p, &f) < 0) return -1;
     char hex[24], *hex_end = hex + sizeof hex, *h = hex_end;  /* as f"{item:x}" writes it */
-    unsigned long long ux = item < 0 ? 0ULL - (unsigned long long)item : (unsigned long long)item;
+    unsigned long long ux = f.item < 0 ? 0ULL - (unsigned long long)f.item : (unsigned long long)f.item;
     do { *--h = HEX[ux & 0xf]; ux >>= 4; } while (ux);
-    if (item < 0) *--h = '-';  /* hashes are never negative, but the form is Python's */
+    if (f.item < 0) *--h = '-';  /* hashes are never negative, but the form is Python's */
     b->len = 0;
     if (buf_lit(b, "{\"sample_id\":\"") < 0 || buf_json_chars(b, PyList_GET_ITEM(p, P_RID)) < 0 ||
         buf_put(b, ":", 1) < 0 || buf_put(b, h, hex_end - h) < 0 ||
         buf_lit(b, "\",\"user_id\":") < 0 || buf_json_str(b, PyList_GET_ITEM(p, P_USER_RAW)) < 0 ||
         buf_lit(b, ",\"item_id\":") < 0 || buf_json_str(b, PyList_GET_ITEM(p, P_ITEM_RAW)) < 0 ||
         buf_lit(b, ",\"category_id\":") < 0 || buf_json_str(b, PyList_GET_ITEM(p, P_CAT_RAW)) < 0 ||
-        buf_lit(b, ",\"ts\":") < 0 || buf_ll(b, ts) < 0 || buf_lit(b, ",\"seq_pos\":") < 0 || buf_ll(b, seq_pos) < 0 ||
-        buf_lit(b, clicked ? ",\"label\":1" : ",\"label\":0") < 0 || buf_lit(b, ",\"user_hash\":") < 0 ||
-        buf_ll(b, user) < 0 || buf_lit(b, ",\"item_hash\":") < 0 || buf_ll(b, item) < 0 ||
-        buf_lit(b, ",\"category_hash\":") < 0 || buf_ll(b, cat) < 0 || buf_put(b, "}", 1) < 0)
+        buf_lit(b, ",\"ts\":") < 0 || buf_ll(b, f.ts) < 0 || buf_lit(b, ",\"seq_pos\":") < 0 || buf_ll(b, f.seq_pos) < 0 ||
+        buf_lit(b, f.clicked ? ",\"label\":1" : ",\"label\":0") < 0 || buf_lit(b, ",\"user_hash\":") < 0 ||
+        buf_ll(b, f.user) < 0 || buf_lit(b, ",\"item_hash\":") < 0 || buf_ll(b, f.item) < 0 ||
+        buf_lit(b, ",\"category_hash\":") < 0 || buf_ll(b, f.cat) < 0 || buf_put(b, "}", 1) < 0)
         return -1;
     return 0;
 }
@@ -529,23 +538,22 @@ done:
 
 /* pipeline.joins.encode_pending, byte for byte (json.dumps of the list): b is reset first */
 static int build_pending(buf_t *b, PyObject *p) {
-    if (check_pending(p) < 0) return -1;
-    long long user, item, cat, ts, seq_pos;
-    if (field_ll(p, P_USER, &user) < 0 || field_ll(p, P_ITEM, &item) < 0 || field_ll(p, P_CAT, &cat) < 0 ||
-        field_ll(p, P_TS, &ts) < 0 || field_ll(p, P_SEQ_POS, &seq_pos) < 0)
-        return -1;
-    int clicked = PyObject_IsTrue(PyList_GET_ITEM(p, P_CLICKED));
-    if (clicked < 0) return -1;
+    pending_nums_t f;
+    if (pending_nums(p, &f) < 0) return -1;
     b->len = 0;
-    if (buf_put(b, "[", 1) < 0 || buf_ll(b, user) < 0 || buf_lit(b, ", ") < 0 ||
-        buf_json_str(b, PyList_GET_ITEM(p, P_USER_RAW)) < 0 || buf_lit(b, ", ") < 0 || buf_ll(b, item) < 0 ||
+    if (buf_put(b, "[", 1) < 0 || buf_ll(b, f.user) < 0 || buf_lit(b, ", ") < 0 ||
+        buf_json_str(b, PyList_GET_ITEM(p, P_USER_RAW)) < 0 || buf_lit(b, ", ") < 0 || buf_ll(b, f.item) < 0 ||
         buf_lit(b, ", ") < 0 || buf_json_str(b, PyList_GET_ITEM(p, P_ITEM_RAW)) < 0 || buf_lit(b, ", ") < 0 ||
-        buf_ll(b, cat) < 0 || buf_lit(b, ", ") < 0 || buf_json_str(b, PyList_GET_ITEM(p, P_CAT_RAW)) < 0 ||
-        buf_lit(b, ", ") < 0 || buf_ll(b, ts) < 0 || buf_lit(b, ", ") < 0 || buf_ll(b, seq_pos) < 0 ||
+        buf_ll(b, f.cat) < 0 || buf_lit(b, ", ") < 0 || buf_json_str(b, PyList_GET_ITEM(p, P_CAT_RAW)) < 0 ||
+        buf_lit(b, ", ") < 0 || buf_ll(b, f.ts) < 0 || buf_lit(b, ", ") < 0 || buf_ll(b, f.seq_pos) < 0 ||
         buf_lit(b, ", ") < 0 || buf_json_str(b, PyList_GET_ITEM(p, P_RID)) < 0 ||
-        buf_lit(b, clicked ? ", true]" : ", false]") < 0)
+        buf_lit(b, f.clicked ? ", true]" : ", false]") < 0)
         return -1;
     return 0;
+}
+
+static void put_be64(char *o, unsigned long long v) {
+    for (int i = 7; i >= 0; i--) { o[i] = (char)(v & 0xff); v >>= 8; }
 }
 
 /* prefix + kind + request_id (UTF-8) + NUL + item (u64 BE): a new reference */
@@ -570,7 +578,7 @@ static PyObject *pending_key(const char *prefix, Py_ssize_t plen, char kind, PyO
     memcpy(o, r, (size_t)rlen);
     o += rlen;
     *o++ = 0;
-    for (int i = 7; i >= 0; i--) { o[i] = (char)(item & 0xff); item >>= 8; }
+    put_be64(o, item);
     return k;
 }
 
@@ -610,9 +618,8 @@ static PyObject *stage(PyObject *self, PyObject *args) {
             } else {
                 long long cts = PyLong_AsLongLong(value);
                 if (!(cts == -1 && PyErr_Occurred())) {
-                    unsigned long long u = (unsigned long long)cts;
                     char be[8];
-                    for (int i = 7; i >= 0; i--) { be[i] = (char)(u & 0xff); u >>= 8; }
+                    put_be64(be, (unsigned long long)cts);
                     v = PyBytes_FromStringAndSize(be, 8);
                 }
             }
