@@ -157,8 +157,19 @@ def join_ref(st: Any, batch: Any, rows: Any, wm_before: Any, seq_pos: Any, water
     return wm, emitted, positives, unmatched, duplicates
 
 
-_CLICK_TS = struct.Struct(">q")
+#: an orphan click's stored value: its ts, a signed big-endian i64
+CLICK_TS = struct.Struct(">q")
 _U64 = struct.Struct(">Q")
+
+
+def pending_key(prefix: bytes, kind: bytes, rid: str, item: int) -> bytes:
+    """A pending key as stored: ``prefix + kind + request_id (UTF-8) + b"\\x00" + item_hash (u64 BE)``."""
+    return b"".join((prefix, kind, rid.encode(), b"\x00", _U64.pack(item)))
+
+
+def parse_pending_key(k: bytes, plen: int) -> tuple[bytes, tuple[str, int]]:
+    """``(kind, (request_id, item_hash))`` of a stored pending key whose prefix is ``plen`` bytes."""
+    return k[plen:plen + 1], (k[plen + 1:-9].decode(), _U64.unpack(k[-8:])[0])
 
 
 def stage_ref(touched: set[tuple[str, int]], live: dict[tuple[str, int], Any], stored: set[tuple[str, int]],
@@ -167,19 +178,17 @@ def stage_ref(touched: set[tuple[str, int]], live: dict[tuple[str, int], Any], s
     into a commit's edits: a put of the current value, or a delete of a key the store holds
     (``stored``, kept up to date). ``kind`` is ``b"I"`` (``live`` = ``pending``, a value stored as
     :func:`encode_pending`) or ``b"C"`` (``live`` = ``orphans``, a click ts stored as a signed
-    big-endian i64). Store key: ``prefix + kind + request_id (UTF-8) + b"\\x00" + item_hash (u64 BE)``.
-    ``touched`` is emptied."""
+    big-endian i64). Keys are stored as :func:`pending_key` writes them. ``touched`` is emptied."""
     if kind not in (b"I", b"C"):
         raise ValueError(f"kind must be b'I' or b'C', got {kind!r}")
-    encode = encode_pending if kind == b"I" else _CLICK_TS.pack
+    encode = encode_pending if kind == b"I" else CLICK_TS.pack
     for key in touched:
-        rid, item = key
         value = live.get(key)
         if value is not None:
-            put[b"".join((prefix, kind, rid.encode(), b"\x00", _U64.pack(item)))] = encode(value)
+            put[pending_key(prefix, kind, *key)] = encode(value)
             stored.add(key)
         elif key in stored:
-            dele.add(b"".join((prefix, kind, rid.encode(), b"\x00", _U64.pack(item))))
+            dele.add(pending_key(prefix, kind, *key))
             stored.discard(key)
     touched.clear()
 

@@ -75,7 +75,7 @@ from pipeline.checkpoint import Checkpoint, CommitPolicy
 from pipeline.config import WorkerSettings
 from pipeline.events import ACTIONS, BEHAVIOR, CLICK, IMPRESSION, RawRecord, RecordBatch, decode_batch
 from pipeline.exceptions import OffsetRegressionError
-from pipeline.joins import P_TS, JoinImpl, decode_pending, sample_id
+from pipeline.joins import CLICK_TS, P_TS, JoinImpl, decode_pending, parse_pending_key, sample_id
 from pipeline.kafka import ConsumerAdapter, ProducerAdapter, TopicPartitionT, make_consumer, make_producer
 from pipeline.state import SequenceStore, StateDelta, open_store
 
@@ -189,16 +189,14 @@ class StreamWorker:
             st.watermark = _WM.unpack(wm)[0] if wm else 0
             plen = len(self._prefix(tp))
             for k, v in self.store.pending_items(self._prefix(tp)):
-                kind = k[plen:plen + 1]
-                # layout: prefix | kind (1) | request id | \x00 | item (8, big-endian)
-                key = (k[plen + 1:-9].decode(), struct.unpack(">Q", k[-8:])[0])
+                kind, key = parse_pending_key(k, plen)
                 if kind == b"I":
                     p = decode_pending(v)
                     st.pending[key] = p
                     st.stored.add(key)
                     st.heap.append((p[P_TS], key[0], key[1]))
                 else:
-                    cts = _WM.unpack(v)[0]
+                    cts = CLICK_TS.unpack(v)[0]
                     st.orphans[key] = cts
                     st.stored_orphans.add(key)
                     st.orphan_heap.append((cts, key[0], key[1]))
