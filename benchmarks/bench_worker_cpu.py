@@ -7,7 +7,7 @@ timed far more steadily than a broker run.
 One JSON line per (backend, join, planner): ``"join": "c"`` is the worker as shipped
 (pipeline/_joincore.c: the join, labeling and commit staging), ``"python"`` the reference of
 pipeline/joins.py; on LMDB, ``"planner": "c"`` plans the commit's chunk writes in
-pipeline/_storecore.c (as shipped), ``"python"`` with the reference of pipeline/state/_chunks.py.
+pipeline/_storecore.c (as shipped), ``"python"`` with the reference of pipeline/state/lmdb.py.
 ``ratio`` = the rate over the all-Python rate of the same backend, same run. Each figure is the
 best of ``--reps`` runs, alternating, in CPU seconds of this process. The prebuilt batches are moved
 out of the collector's sight (``gc.freeze``): a worker's batches come and go, and a full collection
@@ -78,12 +78,11 @@ def batches(n: int, users: int, batch: int) -> list[RecordBatch]:
 
 
 def run(batches_: list[RecordBatch], backend: str, impl: joins.JoinImpl, planner: str = "c") -> dict[str, Any]:
-    from pipeline.state import _chunks
     from pipeline.state import lmdb as lmdb_store
 
     shipped = lmdb_store._append_chunks_many
     if planner == "python":
-        lmdb_store._append_chunks_many = _chunks.append_chunks_many_ref
+        lmdb_store._append_chunks_many = lmdb_store.append_chunks_many_ref
     try:
         return _run(batches_, backend, impl)
     finally:

@@ -1,6 +1,6 @@
 /* The LMDB store's append planner (pipeline.state.lmdb), in C: every user of a checkpoint in one call.
  *
- * pipeline/state/_chunks.py holds the reference, append_chunks_many_ref, with the same signature
+ * pipeline/state/lmdb.py holds the reference, append_chunks_many_ref, with the same signature
  * and the same results; tests/pipeline/test_state.py compares the two over random appends (chunk
  * boundaries, lifelong-cap trims, corrupt stores). The per-user Python loop it replaces (two key
  * packs, two gets, four column copies, a chunk join per chunk) was a quarter of the worker's CPU.
@@ -229,7 +229,7 @@ done:
 
 static PyMethodDef methods[] = {
     {"append_chunks_many", append_chunks_many, METH_VARARGS,
-     "Plan the chunk writes of every user's appends (see pipeline.state._chunks.append_chunks_many_ref)."},
+     "Plan the chunk writes of every user's appends (see pipeline.state.lmdb.append_chunks_many_ref)."},
     {NULL, NULL, 0, NULL},
 };
 

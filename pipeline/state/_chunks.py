@@ -4,7 +4,6 @@ rewrites, which a lifelong-cap trim deletes, which a read touches."""
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
 
 import numpy as np
 
@@ -39,8 +38,8 @@ def append_chunks(start: int, end: int, tail: bytes | None, item: bytes, categor
     by chunk index, chunk indices to delete (lifelong cap: the whole chunks below the new start; a
     partly trimmed chunk stays and reads clip it, so positions stay absolute), and the new position
     range. The Redis backend runs the same algorithm inside its commit script
-    (``pipeline.state.redis``), LMDB in C (``pipeline/_storecore.c``, via
-    :func:`append_chunks_many_ref`'s contract).
+    (``pipeline.state.redis``), LMDB every user at once (``pipeline.state.lmdb``:
+    ``append_chunks_many_ref`` around this function, and its C twin ``pipeline/_storecore.c``).
     """
     n_new = len(action)
     first = end
@@ -80,58 +79,6 @@ def append_chunks(start: int, end: int, tail: bytes | None, item: bytes, categor
         pos += take
         k += take
     return writes, list(range(start // chunk_rows, keep_from)), new_start, new_end
-
-
-_POS = struct.Struct(">QQ")
-_USER_KEY = struct.Struct(">Q")
-_SEQ_KEY = struct.Struct(">QI")
-
-
-def append_chunks_many_ref(users: np.ndarray, bounds: np.ndarray, item: np.ndarray, category: np.ndarray,
-                           ts: np.ndarray, action: np.ndarray, pos_get: Callable[[bytes], bytes | None],
-                           seq_get: Callable[[bytes], bytes | None], chunk_rows: int, cap: int,
-                           error: type[Exception]) -> tuple[list[tuple[bytes, bytes]], list[bytes],
-                                                            list[tuple[bytes, bytes]]]:
-    """Every user's append at once, for a store keyed as LMDB keys it (``user_key`` = u64 BE user,
-    ``seq_key`` = user_key + u32 BE chunk index, position record = u64 BE start and end).
-
-    User ``users[i]`` appends rows ``[bounds[i], bounds[i + 1])`` of the columns; ``pos_get`` and
-    ``seq_get`` read the stored position record and chunks. Returns the chunks to put as
-    ``(seq_key, chunk)``, the seq_keys to delete and the new position records as
-    ``(user_key, record)``, in user order. The reference of ``pipeline._storecore`` (same signature,
-    same results); a corrupt store raises ``error``.
-    """
-    if not 0 < chunk_rows <= 0xFFFF or cap <= 0:
-        raise ValueError("chunk_rows must be in [1, 65535] and cap positive")
-    writes: list[tuple[bytes, bytes]] = []
-    deletes: list[bytes] = []
-    positions: list[tuple[bytes, bytes]] = []
-    b = bounds.tolist()
-    for i, user in enumerate(users.tolist()):
-        a, z = b[i], b[i + 1]
-        if z == a:
-            continue
-        if user < 0:
-            raise OverflowError(f"user {user}: a user key is an unsigned 64-bit number")
-        uk = _USER_KEY.pack(user)
-        rec = pos_get(uk)
-        start = end = 0
-        if rec is not None:
-            if len(rec) != 16:
-                raise error(f"store is corrupt: the position record of user {user} has {len(rec)} bytes, not 16 "
-                            f"(rebuild the store)")
-            start, end = _POS.unpack(rec)
-        tail = seq_get(_SEQ_KEY.pack(user, end // chunk_rows)) if end % chunk_rows else None
-        try:
-            w, d, new_start, new_end = append_chunks(
-                start, end, None if tail is None else bytes(tail), item[a:z].tobytes(), category[a:z].tobytes(),
-                ts[a:z].tobytes(), action[a:z].tobytes(), cap, chunk_rows)
-        except StoreConfigError as e:
-            raise error(str(e)) from None
-        writes += [(_SEQ_KEY.pack(user, ci), chunk) for ci, chunk in w.items()]
-        deletes += [_SEQ_KEY.pack(user, ci) for ci in d]
-        positions.append((uk, _POS.pack(new_start, new_end)))
-    return writes, deletes, positions
 
 
 def column_bytes(b: Behaviors) -> tuple[bytes, bytes, bytes, bytes]:

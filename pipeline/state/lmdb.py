@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import lmdb
+import numpy as np
 
 from pipeline.exceptions import StoreConfigError
-from pipeline.state._chunks import append_chunks_many_ref, clip, read_range
+from pipeline.state._chunks import append_chunks, clip, read_range
 from pipeline.state.base import (
     DEFAULT_LIFELONG_CAP,
     Behaviors,
@@ -29,20 +30,15 @@ from pipeline.state.base import (
     check_expected_offsets,
     empty_behaviors,
 )
-from pipeline.state.serialization import CHUNK_ROWS, decode_chunk, decode_pos
+from pipeline.state.serialization import CHUNK_ROWS, decode_chunk, decode_pos, encode_pos
 
-__all__ = ["LmdbSequenceStore"]
+__all__ = ["LmdbSequenceStore", "append_chunks_many_ref"]
 
 #: Virtual address space reserved for the map. Sparse on Linux: disk use grows with data, not with
 #: this number. 1 TiB holds ~40 billion behaviors; raise it with ``?map_size=`` for more.
 DEFAULT_MAP_SIZE = 1 << 40
 
 _FORMAT_KEY = b"__format__"
-
-try:  # every user's chunk plan in one C call (pipeline/_storecore.c); the reference otherwise
-    from pipeline._storecore import append_chunks_many as _append_chunks_many
-except ImportError:  # pragma: no cover - built by `make` (setup.py); tests require it
-    _append_chunks_many = append_chunks_many_ref
 
 
 def _seq_key(user: int, chunk: int) -> bytes:
@@ -51,6 +47,59 @@ def _seq_key(user: int, chunk: int) -> bytes:
 
 def _user_key(user: int) -> bytes:
     return struct.pack(">Q", user)
+
+
+def append_chunks_many_ref(users: np.ndarray, bounds: np.ndarray, item: np.ndarray, category: np.ndarray,
+                           ts: np.ndarray, action: np.ndarray, pos_get: Callable[[bytes], bytes | None],
+                           seq_get: Callable[[bytes], bytes | None], chunk_rows: int, cap: int,
+                           error: type[Exception]) -> tuple[list[tuple[bytes, bytes]], list[bytes],
+                                                            list[tuple[bytes, bytes]]]:
+    """Every user's append at once, on LMDB's keys (:func:`_user_key`, :func:`_seq_key`) and
+    position records (``serialization.encode_pos``).
+
+    User ``users[i]`` appends rows ``[bounds[i], bounds[i + 1])`` of the columns; ``pos_get`` and
+    ``seq_get`` read the stored position record and chunks. Returns the chunks to put as
+    ``(seq_key, chunk)``, the seq_keys to delete and the new position records as
+    ``(user_key, record)``, in user order. The reference of ``pipeline._storecore`` (same signature,
+    same results); a corrupt store raises ``error``.
+    """
+    if not 0 < chunk_rows <= 0xFFFF or cap <= 0:
+        raise ValueError("chunk_rows must be in [1, 65535] and cap positive")
+    writes: list[tuple[bytes, bytes]] = []
+    deletes: list[bytes] = []
+    positions: list[tuple[bytes, bytes]] = []
+    b = bounds.tolist()
+    for i, user in enumerate(users.tolist()):
+        a, z = b[i], b[i + 1]
+        if z == a:
+            continue
+        if user < 0:
+            raise OverflowError(f"user {user}: a user key is an unsigned 64-bit number")
+        uk = _user_key(user)
+        rec = pos_get(uk)
+        start = end = 0
+        if rec is not None:
+            if len(rec) != 16:
+                raise error(f"store is corrupt: the position record of user {user} has {len(rec)} bytes, not 16 "
+                            f"(rebuild the store)")
+            start, end = decode_pos(rec)
+        tail = seq_get(_seq_key(user, end // chunk_rows)) if end % chunk_rows else None
+        try:
+            w, d, new_start, new_end = append_chunks(
+                start, end, None if tail is None else bytes(tail), item[a:z].tobytes(), category[a:z].tobytes(),
+                ts[a:z].tobytes(), action[a:z].tobytes(), cap, chunk_rows)
+        except StoreConfigError as e:
+            raise error(str(e)) from None
+        writes += [(_seq_key(user, ci), chunk) for ci, chunk in w.items()]
+        deletes += [_seq_key(user, ci) for ci in d]
+        positions.append((uk, encode_pos(new_start, new_end)))
+    return writes, deletes, positions
+
+
+try:  # every user's chunk plan in one C call (pipeline/_storecore.c); the reference otherwise
+    from pipeline._storecore import append_chunks_many as _append_chunks_many
+except ImportError:  # pragma: no cover - built by `make` (setup.py); tests require it
+    _append_chunks_many = append_chunks_many_ref
 
 
 def offset_key(group: str, topic: str, partition: int) -> bytes:

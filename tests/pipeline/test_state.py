@@ -295,7 +295,7 @@ def test_store_planner_c_equals_reference(data):
     chunk size): the C planner returns exactly the reference's writes, deletes and positions."""
     from pipeline._storecore import append_chunks_many
     from pipeline.state import GroupedAppends
-    from pipeline.state._chunks import append_chunks_many_ref
+    from pipeline.state.lmdb import append_chunks_many_ref
 
     chunk_rows = data.draw(st.sampled_from([1, 3, 16, CHUNK_ROWS]))
     cap = data.draw(st.sampled_from([1, 5, 40, 1000, 100_000]))
@@ -316,7 +316,7 @@ def test_store_planner_refuses_a_corrupt_store_like_the_reference(damage):
     from pipeline._storecore import append_chunks_many
     from pipeline.exceptions import StoreConfigError
     from pipeline.state import GroupedAppends
-    from pipeline.state._chunks import append_chunks_many_ref
+    from pipeline.state.lmdb import append_chunks_many_ref
 
     kv = _Kv()
     ga = GroupedAppends.of({9: make_behaviors(20)})
@@ -341,7 +341,7 @@ def test_store_planner_refuses_a_corrupt_store_like_the_reference(damage):
 def test_lmdb_commits_the_same_with_the_reference_planner(tmp_path, monkeypatch):
     """The Python planner (used where the C extension is not built) stores the same sequences."""
     from pipeline.state import lmdb as lmdb_store
-    from pipeline.state._chunks import append_chunks_many_ref
+    from pipeline.state.lmdb import append_chunks_many_ref
 
     digests = []
     for name, fn in (("c", lmdb_store._append_chunks_many), ("ref", append_chunks_many_ref)):
