@@ -698,16 +698,17 @@ def _typed_batch(values: list[bytes | None], partition: np.ndarray, offset: np.n
 
 
 def _c_typed_batch(cols: tuple[Any, ...], partition: np.ndarray, offset: np.ndarray) -> DecodedBatch | None:
-    kind_b, users, users_i, items, items_i, ts_b, cats, cats_i, action_b, rids = cols
+    kind_b, users, users_h, items, items_h, ts_b, cats, cats_h, action_b, rids = cols
     return _typed_columns(
-        np.frombuffer(kind_b, np.uint8), users, _native_hashes(users, users_i), items, _native_hashes(items, items_i),
-        np.frombuffer(ts_b, np.int64), cats, _native_hashes(cats, cats_i), np.frombuffer(action_b, np.uint8), rids,
+        np.frombuffer(kind_b, np.uint8), users, _c_hashes(users, users_h), items, _c_hashes(items, items_h),
+        np.frombuffer(ts_b, np.int64), cats, _c_hashes(cats, cats_h), np.frombuffer(action_b, np.uint8), rids,
         partition, offset)
 
 
-def _native_hashes(vals: Sequence[Any], ints: bytes | None) -> np.ndarray:
-    """Hashes of a C-decoded id column: from its native int64 copy when every id is an integer."""
-    return _typed_hashes(vals) if ints is None else _int_id_hashes(np.frombuffer(ints, np.int64))
+def _c_hashes(vals: Sequence[Any], hashes: bytes | None) -> np.ndarray:
+    """A C-decoded id column's hashes: hashed in the decode loop (xxh3 in C), or here when the column
+    holds an id too long for that (over 240 bytes)."""
+    return _typed_hashes(vals) if hashes is None else np.frombuffer(hashes, np.int64)
 
 
 def _typed_columns(kind: np.ndarray, users: Sequence[Any], user: np.ndarray, items: Sequence[Any], item: np.ndarray,

@@ -378,6 +378,49 @@ def test_plain_stream_takes_the_c_path(monkeypatch):
     assert batch_decode(recs) == expect
 
 
+@settings(max_examples=600, deadline=None)
+@given(data=st.one_of(st.binary(max_size=240), st.binary(min_size=100, max_size=240)))
+def test_c_xxh3_equals_the_xxhash_package(data):
+    """decode_plain hashes ids with its own XXH3-64 (every length branch: 0, 1-3, 4-8, 9-16, 17-128,
+    129-240 bytes); it must be the xxhash package's, or stored sequences would change keys."""
+    import xxhash
+
+    assert _fastdecode().xxh3_64(data) == xxhash.xxh3_64_intdigest(data)
+
+
+def test_c_xxh3_lengths_at_every_branch_edge_and_its_limit():
+    import xxhash
+
+    rng = np.random.default_rng(5)
+    for n in (0, 1, 2, 3, 4, 5, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 143, 144, 239, 240):
+        for _ in range(20):
+            b = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+            assert _fastdecode().xxh3_64(b) == xxhash.xxh3_64_intdigest(b), n
+    with pytest.raises(ValueError, match="240"):
+        _fastdecode().xxh3_64(b"x" * 241)
+
+
+@pytest.mark.parametrize("n", [1, 16, 17, 128, 129, 240, 241, 256])
+def test_c_hashes_ids_of_any_accepted_length_like_hash_id(n):
+    """Ids over 240 bytes make their column fall back to the Python hash, with the same values."""
+    ids = ["u" * n, "v" * max(1, n - 1), str(-10**17), "0"]
+    vals = [enc(event("impression", user=u, item=7, category_id=c, request_id="r"))
+            for u, c in zip(ids, reversed(ids), strict=True)]
+    cols = _fastdecode().decode_plain(vals, *_limits())
+    assert cols is not None
+    users_h, items_h, cats_h = cols[2], cols[4], cols[7]
+    assert (users_h is None) == (n > 240) and (cats_h is None) == (n > 240) and items_h is not None
+    b, dead = decode_batch([rec(v, i) for i, v in enumerate(vals)])
+    assert not dead and b.user.tolist() == [hash_id(u) for u in ids]
+    assert b.category.tolist() == [hash_id(c) for c in reversed(ids)] and b.item.tolist() == [hash_id(7)] * 4
+
+
+def _limits():
+    from pipeline import events as ev
+
+    return ev.MAX_EVENT_BYTES, ev.MAX_ID_CHARS, ev.MAX_ACTION_CHARS, ev.MIN_TS_MS, ev.MAX_TS_MS
+
+
 def test_c_fast_path_does_not_leak():
     """References in C: decoded batches and batches declined half-way leave nothing behind."""
     import gc
