@@ -21,6 +21,11 @@ import numpy as np
 from pipeline.events import RawRecord, RecordBatch, raw_record_from_tuple
 from pipeline.exceptions import BrokerError
 
+try:
+    from pipeline import _kafkarecords
+except ImportError:  # built by the install (setup.py); without it, the maps of poll_columns
+    _kafkarecords = None  # type: ignore[assignment]
+
 __all__ = ["ConfluentAssignedConsumer", "ConfluentConsumer", "ConfluentProducer"]
 
 log = logging.getLogger(__name__)
@@ -106,6 +111,10 @@ class ConfluentConsumer:
     # ---- the adapter ------------------------------------------------------------------------------
     def _consume(self, max_records: int, timeout_ms: int) -> list[Any]:
         """Messages of one ``consume`` call, errors and events (partition EOF) handled and dropped."""
+        return self._without_errors(self._fetch(max_records, timeout_ms))
+
+    def _fetch(self, max_records: int, timeout_ms: int) -> list[Any]:
+        """Messages of one ``consume`` call, as librdkafka gives them (errors and events included)."""
         # What is queued now, without waiting. ``consume(n, timeout)`` returns only once it has n
         # messages or the timeout ran out, so a blocking call for a full batch sat out the whole
         # timeout whenever fewer were left (measured: 0.5 s at the end of every catch-up, and the
@@ -118,6 +127,9 @@ class ConfluentConsumer:
                 return []
             if max_records > 1:
                 msgs += self._c.consume(num_messages=max_records - 1, timeout=0)
+        return msgs
+
+    def _without_errors(self, msgs: list[Any]) -> list[Any]:
         from confluent_kafka import Message
 
         errors = list(map(Message.error, msgs))
@@ -138,18 +150,31 @@ class ConfluentConsumer:
                                          map(Message.value, msgs))))
 
     def poll_columns(self, max_records: int, timeout_ms: int) -> RecordBatch:
-        """One batch as columns (the worker's hot path): three C-level maps, keys only on demand."""
+        """One batch as columns (the worker's hot path), keys only on demand: one C loop over the
+        messages (pipeline/_kafkarecords.c ``message_columns``) when none carries an error, else three
+        C-level maps over the others."""
         from confluent_kafka import Message
 
-        msgs = self._consume(max_records, timeout_ms)
+        msgs = self._fetch(max_records, timeout_ms)
+        cols = None if _kafkarecords is None else _kafkarecords.message_columns(
+            msgs, Message.error, Message.partition, Message.offset, Message.value)
+        if cols is not None:
+            parts, offs, values = cols
+            return RecordBatch(self._topic_of(msgs), np.frombuffer(parts, np.int64), np.frombuffer(offs, np.int64),
+                               values, lambda: list(map(Message.key, msgs)))
+        msgs = self._without_errors(msgs)
         n = len(msgs)
-        if len(self._topics) == 1:  # librdkafka delivers only subscribed topics
-            topic = self._topics[0] if n else ""
-        else:
-            topic = RecordBatch.only_topic(set(map(Message.topic, msgs)))  # type: ignore[arg-type]  # set on a message
-        return RecordBatch(topic, np.fromiter(map(Message.partition, msgs), np.int64, n),
+        return RecordBatch(self._topic_of(msgs), np.fromiter(map(Message.partition, msgs), np.int64, n),
                            np.fromiter(map(Message.offset, msgs), np.int64, n), list(map(Message.value, msgs)),
                            lambda: list(map(Message.key, msgs)))
+
+    def _topic_of(self, msgs: list[Any]) -> str:
+        """The one topic of a batch of messages without errors ("" for none)."""
+        if len(self._topics) == 1:  # librdkafka delivers only subscribed topics
+            return self._topics[0] if msgs else ""
+        from confluent_kafka import Message
+
+        return RecordBatch.only_topic(set(map(Message.topic, msgs)))  # type: ignore[arg-type]  # set on a message
 
     @staticmethod
     def _error(err: Any) -> None:

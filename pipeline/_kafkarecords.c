@@ -18,6 +18,12 @@
  *
  * build_v2(keys, values, timestamp_ms) -> bytearray: the producer side, one uncompressed v2 batch
  * (see its comment below); pipeline._kafka_fast.BatchingSender hands it to kafka-python's sender.
+ *
+ * message_columns(messages, error, partition, offset, value) -> None | (partitions, offsets, values)
+ *   confluent-kafka's side (pipeline._confluent): a consumed batch of Message objects as the worker's
+ *   columns, calling the given accessors (Message.error, .partition, .offset, .value) on each message
+ *   in one C loop. partitions, offsets: native int64 per message (bytes); values: a list. None when
+ *   any message carries an error or event (the caller filters those in Python, as before).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -278,7 +284,50 @@ static PyObject *build_v2(PyObject *self, PyObject *args) {
     return out;
 }
 
+/* one accessor call: a new reference, NULL with an exception */
+static inline PyObject *call1(PyObject *f, PyObject *m) { return PyObject_Vectorcall(f, &m, 1, NULL); }
+
+static inline int call_ll(PyObject *f, PyObject *m, long long *out) {
+    PyObject *r = call1(f, m);
+    if (!r) return -1;
+    *out = PyLong_AsLongLong(r);
+    Py_DECREF(r);
+    return *out == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+static PyObject *message_columns(PyObject *self, PyObject *args) {
+    PyObject *msgs, *f_err, *f_part, *f_off, *f_val;
+    if (!PyArg_ParseTuple(args, "O!OOOO", &PyList_Type, &msgs, &f_err, &f_part, &f_off, &f_val)) return NULL;
+    const Py_ssize_t n = PyList_GET_SIZE(msgs);
+    PyObject *parts = PyBytes_FromStringAndSize(NULL, n * 8), *offs = PyBytes_FromStringAndSize(NULL, n * 8);
+    PyObject *vals = PyList_New(n), *result = NULL;
+    if (!parts || !offs || !vals) goto done;
+    int64_t *pp = (int64_t *)PyBytes_AS_STRING(parts), *op = (int64_t *)PyBytes_AS_STRING(offs);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *m = PyList_GET_ITEM(msgs, i), *e = call1(f_err, m);
+        if (!e) goto done;
+        const int failed = e != Py_None;
+        Py_DECREF(e);
+        if (failed) { result = Py_None; Py_INCREF(result); goto done; }
+        long long p, o;
+        if (call_ll(f_part, m, &p) < 0 || call_ll(f_off, m, &o) < 0) goto done;
+        pp[i] = p;
+        op[i] = o;
+        PyObject *v = call1(f_val, m);
+        if (!v) goto done;
+        PyList_SET_ITEM(vals, i, v);  /* steals; the unset tail stays NULL, which list_dealloc skips */
+    }
+    result = PyTuple_Pack(3, parts, offs, vals);
+done:
+    Py_XDECREF(parts);
+    Py_XDECREF(offs);
+    Py_XDECREF(vals);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"message_columns", message_columns, METH_VARARGS,
+     "confluent-kafka Messages as (partitions, offsets, values) columns, or None when one carries an error."},
     {"parse_v2", parse_v2, METH_VARARGS, "Records of a v2 record batch as ConsumerRecord tuples."},
     {"build_v2", build_v2, METH_VARARGS, "An uncompressed v2 record batch from keys and values (CRC left 0)."},
     {NULL, NULL, 0, NULL},

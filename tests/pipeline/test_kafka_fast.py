@@ -267,3 +267,63 @@ def test_fast_paths_stay_off_where_they_do_not_apply(broker, monkeypatch):
     c = KafkaConsumer(bootstrap_servers=broker.bootstrap)
     assert not _kafka_fast.install(c)
     c.close()
+
+
+# ---- confluent-kafka's side: Messages to columns (message_columns, used by pipeline._confluent) ----
+
+def test_message_columns_calls_the_accessors_once_per_message_and_declines_errors():
+    """The C loop behind ConfluentConsumer.poll_columns, on real confluent-kafka Messages: the same
+    columns as the accessors mapped in Python; None (the Python filter) when any message carries an
+    error or event; an accessor's exception propagates; no reference is leaked either way."""
+    import gc
+    import tracemalloc
+
+    import numpy as np
+    from confluent_kafka import KafkaError, Message
+
+    from pipeline import _kafkarecords
+
+    def msgs(n, error_at=None):
+        out = []
+        for i in range(n):
+            m = Message(topic="t", partition=i % 3, offset=100 + i, key=b"k%d" % i,
+                        value=None if i == 4 else b"v%d" % i,
+                        error=KafkaError(KafkaError._PARTITION_EOF) if i == error_at else None)  # noqa: SLF001
+            out.append(m)
+        return out
+
+    def cols(ms):
+        return _kafkarecords.message_columns(ms, Message.error, Message.partition, Message.offset, Message.value)
+
+    ms = msgs(50)
+    parts, offs, values = cols(ms)
+    assert np.frombuffer(parts, np.int64).tolist() == [m.partition() for m in ms]
+    assert np.frombuffer(offs, np.int64).tolist() == [m.offset() for m in ms]
+    assert values == [m.value() for m in ms] and values[4] is None
+    assert cols([]) == (b"", b"", [])
+    assert cols(msgs(50, error_at=0)) is None and cols(msgs(50, error_at=49)) is None
+
+    def boom(m):
+        raise RuntimeError("accessor failed")
+
+    with pytest.raises(RuntimeError, match="accessor failed"):
+        _kafkarecords.message_columns(ms, Message.error, Message.partition, boom, Message.value)
+    with pytest.raises(TypeError):
+        _kafkarecords.message_columns(tuple(ms), Message.error, Message.partition, Message.offset, Message.value)
+
+    def run():
+        for _ in range(300):
+            cols(ms)
+            cols(msgs(20, error_at=10))
+            with pytest.raises(RuntimeError):
+                _kafkarecords.message_columns(ms, Message.error, Message.partition, Message.offset, boom)
+
+    run()
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    run()
+    gc.collect()
+    grown = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert grown < 64 * 1024, f"{grown} bytes left after 900 calls"
