@@ -304,17 +304,23 @@ static PyObject *message_columns(PyObject *self, PyObject *args) {
     if (!parts || !offs || !vals) goto done;
     int64_t *pp = (int64_t *)PyBytes_AS_STRING(parts), *op = (int64_t *)PyBytes_AS_STRING(offs);
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *m = PyList_GET_ITEM(msgs, i), *e = call1(f_err, m);
-        if (!e) goto done;
-        const int failed = e != Py_None;
-        Py_DECREF(e);
+        if (PyList_GET_SIZE(msgs) != n) {  /* only an accessor written in Python could do it */
+            PyErr_SetString(PyExc_RuntimeError, "the message list changed size during message_columns");
+            goto done;
+        }
+        PyObject *m = PyList_GET_ITEM(msgs, i);
+        Py_INCREF(m);  /* held through the calls, whatever they do to the list */
+        PyObject *e = call1(f_err, m);
+        const int failed = e != NULL && e != Py_None;
+        Py_XDECREF(e);
+        long long p = 0, o = 0;
+        PyObject *v = e == NULL || failed || call_ll(f_part, m, &p) < 0 || call_ll(f_off, m, &o) < 0 ? NULL
+                                                                                                : call1(f_val, m);
+        Py_DECREF(m);
         if (failed) { result = Py_None; Py_INCREF(result); goto done; }
-        long long p, o;
-        if (call_ll(f_part, m, &p) < 0 || call_ll(f_off, m, &o) < 0) goto done;
+        if (!v) goto done;
         pp[i] = p;
         op[i] = o;
-        PyObject *v = call1(f_val, m);
-        if (!v) goto done;
         PyList_SET_ITEM(vals, i, v);  /* steals; the unset tail stays NULL, which list_dealloc skips */
     }
     result = PyTuple_Pack(3, parts, offs, vals);

@@ -310,6 +310,14 @@ def test_message_columns_calls_the_accessors_once_per_message_and_declines_error
         _kafkarecords.message_columns(ms, Message.error, Message.partition, boom, Message.value)
     with pytest.raises(TypeError):
         _kafkarecords.message_columns(tuple(ms), Message.error, Message.partition, Message.offset, Message.value)
+    shrinking = msgs(5)
+
+    def shrink(m):  # an accessor in Python may change the list under the loop: refused, not read past
+        shrinking.clear()
+        return m.partition()
+
+    with pytest.raises(RuntimeError, match="changed size"):
+        _kafkarecords.message_columns(shrinking, Message.error, shrink, Message.offset, Message.value)
 
     def run():
         for _ in range(300):
