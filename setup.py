@@ -2,7 +2,7 @@
 
 ``pipeline._fastdecode`` is the worker's decode fast path (pipeline/_fastdecode.c);
 ``pipeline._kafkarecords`` parses kafka-python's fetched records (pipeline/_kafkarecords.c, used by
-pipeline/_kafka_fast.py); ``pipeline._joincore`` is the worker's impression/click join loop
+pipeline/_kafka_fast.py) and turns confluent-kafka's messages into columns (pipeline/_confluent.py); ``pipeline._joincore`` is the worker's impression/click join loop
 (pipeline/_joincore.c, used by pipeline/joins.py); ``pipeline._storecore`` plans the LMDB store's
 chunk writes (pipeline/_storecore.c, used by pipeline/state/lmdb.py). All are optional: where no C
 compiler is available the install still succeeds, the worker decodes with msgspec, kafka-python
