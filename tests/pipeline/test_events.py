@@ -423,8 +423,7 @@ def _limits():
 
 def test_c_fast_path_does_not_leak():
     """References in C: decoded batches and batches declined half-way leave nothing behind."""
-    import gc
-    import tracemalloc
+    from tests.pipeline.leaks import traced_growth
 
     good = [enc(event("impression", user=f"u{i}", request_id=f"r{i}", category_id=i)) for i in range(200)]
     declined = good[:150] + [b'{"type":"behavior","user_id":"u","item_id":1.5,"ts":1767225600000}'] + good[150:]
@@ -435,13 +434,7 @@ def test_c_fast_path_does_not_leak():
             _c_accepts(declined)
 
     run()
-    gc.collect()
-    tracemalloc.start()
-    before = tracemalloc.get_traced_memory()[0]
-    run()
-    gc.collect()
-    grown = tracemalloc.get_traced_memory()[0] - before
-    tracemalloc.stop()
+    grown = traced_growth(run, collect=True)
     assert grown < 64 * 1024, f"{grown} bytes left after 400 decodes"
 
 

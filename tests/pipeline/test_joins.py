@@ -4,7 +4,6 @@ the same state, samples and counters on any stream, with either one taking over 
 from __future__ import annotations
 
 import json
-import tracemalloc
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from pipeline.config import WorkerSettings
 from pipeline.events import RawRecord
 from pipeline.state import open_store
 from pipeline.worker import StreamWorker, _PartitionState
+from tests.pipeline.leaks import traced_growth
 from tests.pipeline.test_worker import ListProducer, _batches, _stream
 
 C = joins._load_c()
@@ -125,14 +125,7 @@ def test_c_loop_keeps_no_reference_it_should_not():
     want, _ = _cycle(joins.REFERENCE, batch)
     for _ in range(3):
         assert _cycle(C, batch)[0] == want  # warm caches and free lists
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        for _ in range(50):
-            _cycle(C, batch)
-        grown = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
+    grown = traced_growth(lambda: _cycle(C, batch), 50)
     assert grown < 50_000, f"{grown} bytes kept after 50 cycles of 1,000 events"
 
 

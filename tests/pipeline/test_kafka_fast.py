@@ -275,13 +275,11 @@ def test_message_columns_calls_the_accessors_once_per_message_and_declines_error
     """The C loop behind ConfluentConsumer.poll_columns, on real confluent-kafka Messages: the same
     columns as the accessors mapped in Python; None (the Python filter) when any message carries an
     error or event; an accessor's exception propagates; no reference is leaked either way."""
-    import gc
-    import tracemalloc
-
     import numpy as np
     from confluent_kafka import KafkaError, Message
 
     from pipeline import _kafkarecords
+    from tests.pipeline.leaks import traced_growth
 
     def msgs(n, error_at=None):
         out = []
@@ -327,11 +325,5 @@ def test_message_columns_calls_the_accessors_once_per_message_and_declines_error
                 _kafkarecords.message_columns(ms, Message.error, Message.partition, Message.offset, boom)
 
     run()
-    gc.collect()
-    tracemalloc.start()
-    before = tracemalloc.get_traced_memory()[0]
-    run()
-    gc.collect()
-    grown = tracemalloc.get_traced_memory()[0] - before
-    tracemalloc.stop()
+    grown = traced_growth(run, collect=True)
     assert grown < 64 * 1024, f"{grown} bytes left after 900 calls"

@@ -379,10 +379,9 @@ def test_grouped_appends_is_the_mapping_it_groups():
 def test_store_planner_keeps_no_reference_it_should_not():
     """Many plans, corrupt-store refusals included: a leaked key, chunk or buffer would grow the
     traced memory with every cycle."""
-    import tracemalloc
-
     from pipeline._storecore import append_chunks_many
     from pipeline.state import GroupedAppends
+    from tests.pipeline.leaks import traced_growth
 
     ga = GroupedAppends.of({u: make_behaviors(300, seed=u) for u in range(1, 20)})
 
@@ -396,12 +395,5 @@ def test_store_planner_keeps_no_reference_it_should_not():
 
     for _ in range(5):
         cycle()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        for _ in range(100):
-            cycle()
-        grown = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
+    grown = traced_growth(cycle, 100)
     assert grown < 50_000, f"{grown} bytes kept after 100 cycles"
