@@ -23,9 +23,6 @@ Per stream, two ways to hash the ids, in the same run (best of ``--reps``, alter
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import random
 import sys
 import time
@@ -36,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_worker import make_events  # noqa: E402
+from benchmarks.bench_worker import emit, machine, make_events  # noqa: E402
 from pipeline import events as ev  # noqa: E402
 from pipeline.events import RecordBatch, decode_batch, encode_event  # noqa: E402
 
@@ -89,13 +86,10 @@ def main() -> int:
                 best[h] = min(best[h], timed(batches, h))
         n = len(values)
         for h, s in best.items():
-            print(json.dumps({
-                "bench": "decode", "stream": name, "hash": h, "events": n, "batch": args.batch,
-                "distinct_items": distinct,
-                "us_per_event": round(s / n * 1e6, 3), "ratio": round(best["table"] / s, 2),
-                "baseline": "hash: table (the Python-side id hash), same stream, same run",
-                "machine": f"{os.cpu_count()}-core CPU box ({platform.machine()}, {platform.python_implementation()} "
-                           f"{platform.python_version()})", "load_avg_1m": round(os.getloadavg()[0], 2)}), flush=True)
+            emit({"bench": "decode", "stream": name, "hash": h, "events": n, "batch": args.batch,
+                  "distinct_items": distinct, "us_per_event": round(s / n * 1e6, 3),
+                  "ratio": round(best["table"] / s, 2),
+                  "baseline": "hash: table (the Python-side id hash), same stream, same run", "machine": machine()})
     return 0
 
 

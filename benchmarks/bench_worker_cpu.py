@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -34,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_worker import PARTITIONS, make_events  # noqa: E402
+from benchmarks.bench_worker import PARTITIONS, emit, machine, make_events  # noqa: E402
 from pipeline import joins  # noqa: E402
 from pipeline.config import WorkerSettings  # noqa: E402
 from pipeline.events import RecordBatch, encode_event, user_key  # noqa: E402
@@ -135,14 +132,11 @@ def main() -> int:
             raise AssertionError(f"the variants labeled different numbers of samples: {best}")
         rate = {v: n / r["cpu_s"] for v, r in best.items()}
         for v in variants:
-            print(json.dumps({
-                "bench": "worker_cpu", "backend": backend, "join": v[0],
-                "planner": v[1] if backend == "lmdb" else None, "events": n, "batch": args.batch,
-                "samples": best[v]["samples"], "cpu_events_per_s": round(rate[v], 1),
-                "us_per_event": round(1e6 / rate[v], 3), "ratio": round(rate[v] / rate[("python", "python")], 3),
-                "baseline": "join and planner: python, same backend, same run",
-                "machine": f"{os.cpu_count()}-core CPU box ({platform.machine()}, {platform.python_implementation()} "
-                           f"{platform.python_version()})", "load_avg_1m": round(os.getloadavg()[0], 2)}), flush=True)
+            emit({"bench": "worker_cpu", "backend": backend, "join": v[0],
+                  "planner": v[1] if backend == "lmdb" else None, "events": n, "batch": args.batch,
+                  "samples": best[v]["samples"], "cpu_events_per_s": round(rate[v], 1),
+                  "us_per_event": round(1e6 / rate[v], 3), "ratio": round(rate[v] / rate[("python", "python")], 3),
+                  "baseline": "join and planner: python, same backend, same run", "machine": machine()})
     return 0
 
 
