@@ -46,6 +46,9 @@ class NullProducer:
     def send(self, topic: str, key: bytes | None, value: bytes) -> None:
         self.n += 1
 
+    def send_many(self, topic: str, records: list[tuple[bytes, bytes]]) -> None:
+        self.n += len(records)
+
     def flush(self) -> None:
         pass
 

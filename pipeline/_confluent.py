@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -298,6 +298,17 @@ class ConfluentProducer:
                 return
             except BufferError:  # local queue full: let librdkafka deliver, then retry
                 self._p.poll(0.05)
+
+    def send_many(self, topic: str, records: Sequence[tuple[bytes, bytes]]) -> None:
+        """``send`` of each keyed ``(key, value)``, in order. librdkafka's ``produce`` is most of the
+        cost here (~1.5 µs a record); ``produce_batch`` measured no faster in the caller's thread
+        and slower to flush, and its partial failures come back as fields of the message dicts."""
+        produce = self._p.produce
+        for key, value in records:
+            try:
+                produce(topic, value, key)
+            except BufferError:
+                self.send(topic, key, value)  # waits for room, as send does
 
     def flush(self) -> None:
         while self._p.flush(FLUSH_ROUND_S) > 0:

@@ -29,7 +29,9 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +293,54 @@ class BatchingSender:
         pend[0].append(k)
         pend[1].append(v)
         pend[2][0] += rec
+        if self._clock() - self._oldest >= LINGER_S:
+            self.ship_all()
+
+    def add_many(self, topic: str, partition: int, keys: list[bytes | None], values: list[bytes]) -> None:
+        """:meth:`add` of each ``(keys[i], values[i])`` in order, with the same batches (each one cut
+        before a record would take it past :data:`BATCH_BYTES`) and the same error (raised at the
+        first record over ``max_request_size``, after the records before it were queued), but a few
+        list and array operations per batch instead of ~1 µs of Python per record; the linger is
+        checked once, at the end (the call takes no time to speak of)."""
+        n = len(values)
+        if len(keys) != n:
+            raise ValueError(f"{len(keys)} keys for {n} values")
+        if not n:
+            return
+        if type(values) is not list or type(keys) is not list or {*map(type, values), *map(type, keys)} != {bytes}:
+            for k, v in zip(keys, values, strict=True):  # rare shapes (null keys, buffers): one by one
+                self.add(topic, partition, k, v)
+            return
+        size = np.fromiter(map(len, values), np.int64, n) + np.fromiter(map(len, cast(list[bytes], keys)), np.int64, n)
+        too_big = np.flatnonzero(size > self._max_record)
+        if len(too_big):  # what comes before it is queued, then add raises at it
+            i = int(too_big[0])
+            self.add_many(topic, partition, keys[:i], values[:i])
+            for k, v in zip(keys[i:], values[i:], strict=True):
+                self.add(topic, partition, k, v)
+            return
+        ends = np.cumsum(size + 12)  # the same per-record estimate as add's
+        i = 0
+        while i < n:
+            pend = self._pending.get((topic, partition))
+            used = pend[2][0] if pend is not None else 0
+            before = int(ends[i - 1]) if i else 0
+            # records i..j-1 fit after what is pending (ends[j-1] - before <= BATCH_BYTES - used)
+            j = int(np.searchsorted(ends, BATCH_BYTES - used + before, side="right"))
+            if j <= i:
+                if pend is not None:  # record i would take the pending batch past BATCH_BYTES
+                    self._ship(topic, partition)
+                    continue
+                j = i + 1  # a record bigger than BATCH_BYTES goes alone, as in add
+            if pend is None:
+                now = self._clock()
+                if not self._pending:
+                    self._oldest = now
+                pend = self._pending[(topic, partition)] = ([], [], [0], now)
+            pend[0].extend(keys[i:j])
+            pend[1].extend(values[i:j])
+            pend[2][0] += int(ends[j - 1]) - before
+            i = j
         if self._clock() - self._oldest >= LINGER_S:
             self.ship_all()
 

@@ -438,9 +438,8 @@ class StreamWorker:
     def _send_samples(self, out: list[tuple[bytes, bytes]]) -> int:
         """Produce the samples labeled by a join, in labeling order (the checkpoint flushes them
         before the store commits)."""
-        send, topic = self.producer.send, self.s.samples_topic
-        for key, value in out:
-            send(topic, key, value)
+        if out:
+            self.producer.send_many(self.s.samples_topic, out)
         return len(out)
 
     def drain(self) -> int:

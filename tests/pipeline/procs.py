@@ -57,6 +57,9 @@ class _Null:
     def send(self, *a: Any) -> None:
         pass
 
+    def send_many(self, *a: Any) -> None:
+        pass
+
     def flush(self) -> None:
         pass
 

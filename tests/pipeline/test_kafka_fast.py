@@ -180,6 +180,102 @@ def test_batching_producer_delivers_every_record_in_order(broker):
     assert len(order) > 250 and all(seq == sorted(seq) for seq in order.values())
 
 
+def test_send_many_delivers_what_send_does(broker, monkeypatch):
+    """The producer adapter's send_many (the worker's samples): every record once, on the default
+    partitioner's partition, in call order per key, over calls that mix new and cached keys (and a
+    key-hash cache small enough to be cleared mid-call), values that cut batches, one-partition
+    calls and send calls in between."""
+    from kafka.partitioner.default import murmur2
+
+    from pipeline import kafka as K
+    from pipeline.broker import create_topics
+
+    monkeypatch.setattr(K, "KEY_HASH_CACHE_MAX", 50)
+    topic = f"many-{uuid.uuid4().hex[:8]}"
+    create_topics(broker.bootstrap, {topic: 3})
+    p = K.make_producer("kafka-python", broker.bootstrap)
+    assert p._batching is not None, "the batched path is not in use"
+    rng = random.Random(9)
+    sent: list[tuple[bytes, bytes]] = []
+    i = 0
+    for call in range(60):
+        recs = []
+        one_key = call % 7 == 0  # every record of the call on one partition
+        for _ in range(rng.choice((1, 2, 40, 700))):
+            key = b"u0" if one_key else b"u%d" % rng.randrange(120)
+            recs.append((key, b"%d:" % i + b"x" * rng.choice((10, 300, 3000, 60_000))))
+            i += 1
+        if call % 5 == 4:
+            for k, v in recs:
+                p.send(topic, k, v)
+        else:
+            p.send_many(topic, recs)
+        sent += recs
+        if call == 30:
+            p.flush()
+    p.send_many(topic, [])
+    p.flush()
+    p.close()
+
+    got = _consume_all(broker.bootstrap, topic, 3, len(sent), fast=False)
+    assert sorted((r.key, r.value) for r in got) == sorted(sent)
+    assert all(r.partition == (murmur2(r.key) & 0x7FFFFFFF) % 3 for r in got)
+    order = defaultdict(list)
+    for r in got:  # in (partition, offset) order
+        order[r.key].append(int(r.value.split(b":")[0]))
+    assert len(order) > 100 and all(seq == sorted(seq) for seq in order.values())
+
+
+def test_add_many_builds_the_batches_add_does(broker):
+    """BatchingSender.add_many against add, record by record: the same batches (records, sizes),
+    cut before BATCH_BYTES, a record over it alone; the same error at a record over
+    max_request_size, with the records before it queued."""
+    from kafka import KafkaProducer
+    from kafka.errors import MessageSizeTooLargeError
+
+    from pipeline.broker import create_topics
+
+    topic = f"addmany-{uuid.uuid4().hex[:8]}"
+    create_topics(broker.bootstrap, {topic: 2})
+    rng = random.Random(4)
+    big = _kafka_fast.BATCH_BYTES + 999
+    keys = [b"k%d" % rng.randrange(9) for _ in range(400)]
+    values = [b"%d:" % i + b"v" * (big if i in (77, 78, 301) else rng.choice((5, 900, 40_000)))
+              for i in range(400)]
+    shipped = {}
+    for how in ("add", "add_many"):
+        kp = KafkaProducer(bootstrap_servers=broker.bootstrap, enable_idempotence=False, linger_ms=0,
+                           max_request_size=2 << 20)
+        s = _kafka_fast.BatchingSender(kp)
+        s._clock = lambda: 0.0  # no linger: batches are cut by size alone
+        for part, lo, hi in ((0, 0, 150), (1, 150, 151), (0, 151, 400)):
+            if how == "add":
+                for k, v in zip(keys[lo:hi], values[lo:hi], strict=True):
+                    s.add(topic, part, k, v)
+            else:
+                s.add_many(topic, part, keys[lo:hi], values[lo:hi])
+        with pytest.raises(MessageSizeTooLargeError):
+            rec = [b"ok1", b"ok2", b"x" * ((2 << 20) + 1), b"never"]
+            if how == "add":
+                for v in rec:
+                    s.add(topic, 1, b"k", v)
+            else:
+                s.add_many(topic, 1, [b"k"] * 4, rec)
+        s.ship_all()
+        shipped[how] = [(b.topic_partition.partition, b.records.next_offset(), b.records.size_in_bytes())
+                        for b in s._shipped]
+        assert s.flush() == []
+        kp.close()
+    assert shipped["add_many"] == shipped["add"]
+    sizes = shipped["add"]
+    assert len(sizes) > 10 and all(size <= _kafka_fast.BATCH_BYTES or n == 1 for _, n, size in sizes)
+    assert sum(n == 1 and size > big for _, n, size in sizes) == 3
+    # partition 1: record 150, then ok1 and ok2, queued before the record that was too large
+    assert [n for part, n, _ in sizes if part == 1] == [3]
+    with pytest.raises(ValueError, match="keys for"):
+        s.add_many(topic, 0, [b"k"], [b"a", b"b"])
+
+
 def test_batching_sender_reports_a_batch_that_was_never_delivered(broker):
     """A batch the producer gives up on (here: a partition that does not exist, so no leader, until
     the delivery timeout) comes back from flush as a failure; it is never silently dropped."""

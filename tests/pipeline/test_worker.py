@@ -28,6 +28,9 @@ class ListProducer:
     def send(self, topic, key, value):
         self.sent.append((topic, key, value))
 
+    def send_many(self, topic, records):
+        self.sent += [(topic, k, v) for k, v in records]
+
     def flush(self):
         self.flushes += 1
 
