@@ -292,16 +292,16 @@ class _KafkaPythonProducer:
     def send_many(self, topic: str, records: Sequence[tuple[bytes, bytes]]) -> None:
         """``send`` of each keyed ``(key, value)``, in order within each partition (the worker's
         samples, one call per poll batch): the partitions from the key-hash cache in one pass, then
-        one :meth:`BatchingSender.add_many` per partition. ~0.3 µs per record instead of the ~1.5 µs
-        that ``send`` costs in Python (measured here)."""
-        if self._batching is None:
-            for key, value in records:
-                self.send(topic, key, value)
-            return
+        one :meth:`BatchingSender.add_many` per partition. Producing a sample, flush included, took
+        1.6-1.8 µs of CPU this way against 2.2-3.3 µs through ``send`` (docs/pipeline.md)."""
         n = len(records)
         if not n:
             return
         keys = list(map(_FIRST, records))
+        if self._batching is None or None in keys:  # no batched path, or keyless records: one by one
+            for key, value in records:
+                self.send(topic, key, value)
+            return
         values = list(map(_SECOND, records))
         cache = self._key_hash
         hashes = list(map(cache.get, keys))

@@ -184,7 +184,7 @@ def test_send_many_delivers_what_send_does(broker, monkeypatch):
     """The producer adapter's send_many (the worker's samples): every record once, on the default
     partitioner's partition, in call order per key, over calls that mix new and cached keys (and a
     key-hash cache small enough to be cleared mid-call), values that cut batches, one-partition
-    calls and send calls in between."""
+    calls, a keyless record and send calls in between."""
     from kafka.partitioner.default import murmur2
 
     from pipeline import kafka as K
@@ -205,6 +205,8 @@ def test_send_many_delivers_what_send_does(broker, monkeypatch):
             key = b"u0" if one_key else b"u%d" % rng.randrange(120)
             recs.append((key, b"%d:" % i + b"x" * rng.choice((10, 300, 3000, 60_000))))
             i += 1
+        if call == 12:
+            recs[0] = (None, recs[0][1])  # a keyless record: the call takes send's path
         if call % 5 == 4:
             for k, v in recs:
                 p.send(topic, k, v)
@@ -218,11 +220,13 @@ def test_send_many_delivers_what_send_does(broker, monkeypatch):
     p.close()
 
     got = _consume_all(broker.bootstrap, topic, 3, len(sent), fast=False)
-    assert sorted((r.key, r.value) for r in got) == sorted(sent)
-    assert all(r.partition == (murmur2(r.key) & 0x7FFFFFFF) % 3 for r in got)
+    assert sorted((r.key or b"", r.value) for r in got) == sorted((k or b"", v) for k, v in sent)
+    assert sum(r.key is None for r in got) == 1
+    assert all(r.partition == (murmur2(r.key) & 0x7FFFFFFF) % 3 for r in got if r.key is not None)
     order = defaultdict(list)
     for r in got:  # in (partition, offset) order
-        order[r.key].append(int(r.value.split(b":")[0]))
+        if r.key is not None:
+            order[r.key].append(int(r.value.split(b":")[0]))
     assert len(order) > 100 and all(seq == sorted(seq) for seq in order.values())
 
 
