@@ -171,6 +171,10 @@ BATCH_BYTES = 512 << 10
 #: The longest a record waits here before its batch is built and handed to the sender, as the
 #: producer's ``linger_ms`` (the worker flushes at every checkpoint anyway).
 LINGER_S = 0.005
+#: What a record adds to a batch beyond its key and value, estimated: build_v2's framing is 3 fixed
+#: bytes and four varints (~10 bytes for a typical sample, up to ~18 near max_request_size);
+#: BATCH_BYTES absorbs the error (it keeps half of a broker's 1 MiB limit in reserve).
+RECORD_FRAMING = 12
 
 
 class _Prebuilt:
@@ -275,10 +279,7 @@ class BatchingSender:
 
             raise MessageSizeTooLargeError(f"a record of {len(v)} bytes is over max_request_size "
                                            f"({self._max_record})")
-        # 12: about the framing build_v2 adds per record (3 fixed bytes and four varints: ~10 for a
-        # typical sample, up to ~18 near max_request_size); an estimate, which BATCH_BYTES absorbs
-        # (it keeps half of a broker's 1 MiB limit in reserve)
-        rec = size + 12
+        rec = size + RECORD_FRAMING
         pend = self._pending.get((topic, partition))
         if pend is not None and pend[2][0] + rec > BATCH_BYTES:
             # this record would take the batch past BATCH_BYTES: the batch goes first, so a batch is
@@ -286,10 +287,7 @@ class BatchingSender:
             self._ship(topic, partition)
             pend = None
         if pend is None:
-            now = self._clock()
-            if not self._pending:
-                self._oldest = now
-            pend = self._pending[(topic, partition)] = ([], [], [0], now)
+            pend = self._open(topic, partition)
         pend[0].append(k)
         pend[1].append(v)
         pend[2][0] += rec
@@ -319,7 +317,7 @@ class BatchingSender:
             for k, v in zip(keys[i:], values[i:], strict=True):
                 self.add(topic, partition, k, v)
             return
-        ends = np.cumsum(size + 12)  # the same per-record estimate as add's
+        ends = np.cumsum(size + RECORD_FRAMING)
         i = 0
         while i < n:
             pend = self._pending.get((topic, partition))
@@ -333,16 +331,21 @@ class BatchingSender:
                     continue
                 j = i + 1  # a record bigger than BATCH_BYTES goes alone, as in add
             if pend is None:
-                now = self._clock()
-                if not self._pending:
-                    self._oldest = now
-                pend = self._pending[(topic, partition)] = ([], [], [0], now)
+                pend = self._open(topic, partition)
             pend[0].extend(keys[i:j])
             pend[1].extend(values[i:j])
             pend[2][0] += int(ends[j - 1]) - before
             i = j
         if self._clock() - self._oldest >= LINGER_S:
             self.ship_all()
+
+    def _open(self, topic: str, partition: int) -> tuple[list[bytes | None], list[bytes | None], list[int], float]:
+        """A partition's new pending entry (it had none), stamped with the time of its first record."""
+        now = self._clock()
+        if not self._pending:
+            self._oldest = now
+        pend = self._pending[(topic, partition)] = ([], [], [0], now)
+        return pend
 
     def _ship(self, topic: str, partition: int) -> None:
         keys, values, _, _ = self._pending.pop((topic, partition))

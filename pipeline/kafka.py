@@ -269,12 +269,16 @@ class _KafkaPythonProducer:
         partition count grows is picked up at the next batch, as the producer's own metadata is).
         """
         parts = self._partitions_of(topic)
+        return parts[self._hash(key) % len(parts)]
+
+    def _hash(self, key: bytes) -> int:
+        """``murmur2(key) & 0x7fffffff``, from the cache (filled here; cleared when full)."""
         h = self._key_hash.get(key)
         if h is None:
             if len(self._key_hash) >= KEY_HASH_CACHE_MAX:
                 self._key_hash.clear()
             h = self._key_hash[key] = self._murmur2(key) & 0x7FFFFFFF
-        return parts[h % len(parts)]
+        return h
 
     def send(self, topic: str, key: bytes | None, value: bytes) -> None:
         if self._batching is not None:
@@ -303,16 +307,10 @@ class _KafkaPythonProducer:
                 self.send(topic, key, value)
             return
         values = list(map(_SECOND, records))
-        cache = self._key_hash
-        hashes = list(map(cache.get, keys))
+        hashes = list(map(self._key_hash.get, keys))
         if None in hashes:  # keys not seen yet: hashed (and cached) one by one, as send does
             for i in [i for i, h in enumerate(hashes) if h is None]:
-                h = cache.get(keys[i])
-                if h is None:
-                    if len(cache) >= KEY_HASH_CACHE_MAX:
-                        cache.clear()
-                    h = cache[keys[i]] = self._murmur2(keys[i]) & 0x7FFFFFFF
-                hashes[i] = h
+                hashes[i] = self._hash(keys[i])
         parts = self._partitions_of(topic)
         idx = np.fromiter(hashes, np.int64, n) % len(parts)
         first = int(idx[0])

@@ -436,8 +436,9 @@ class StreamWorker:
         s.unmatched_clicks += unmatched
 
     def _send_samples(self, out: list[tuple[bytes, bytes]]) -> int:
-        """Produce the samples labeled by a join, in labeling order (the checkpoint flushes them
-        before the store commits)."""
+        """Produce the samples labeled by a join, in labeling order within each partition of the
+        samples topic, so each user's samples stay in order (the checkpoint flushes them before the
+        store commits)."""
         if out:
             self.producer.send_many(self.s.samples_topic, out)
         return len(out)
