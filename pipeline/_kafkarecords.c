@@ -16,6 +16,9 @@
  * Raises ValueError on a record whose structure is wrong, or on bytes left over after `count`
  * records (kafka-python raises CorruptRecordError in both cases; the caller converts).
  *
+ * parse_v2_columns(buffer, pos, count, base_offset) -> (offsets, keys, values): the same parse as columns
+ *   (below), for the kafka-python fetch process's batches (pipeline._fetch_process).
+ *
  * build_v2(keys, values, timestamp_ms) -> bytearray: the producer side, one uncompressed v2 batch
  * (see its comment below); pipeline._kafka_fast.BatchingSender hands it to kafka-python's sender.
  *
@@ -194,6 +197,83 @@ done:
     return out;
 }
 
+/* parse_v2_columns(buffer, pos, count, base_offset) -> (offsets: bytes, keys: list, values: list)
+ * The same walk and the same refusals as parse_v2 (headers are checked, not kept), for a caller that wants columns, not ConsumerRecords: the fetch process's
+ * batches (pipeline._fetch_process). offsets: native int64 per record; an offset beyond int64 is
+ * refused as corrupt (parse_v2 would build a Python int). */
+static PyObject *parse_v2_columns(PyObject *self, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t pos, count;
+    long long base_offset;
+    if (!PyArg_ParseTuple(args, "y*nnL", &view, &pos, &count, &base_offset)) return NULL;
+    PyObject *out = NULL, *offs = NULL, *keys = NULL, *vals = NULL;
+    if (count < 0) count = 0;
+    if (pos < 0 || pos > view.len) {
+        PyErr_SetString(PyExc_ValueError, "pos out of range");
+        goto done;
+    }
+    /* every record takes at least 7 bytes: a count beyond that is refused before allocating */
+    if (count > (view.len - pos) / 7 + 1) {
+        corrupt("record count larger than the batch", 0);
+        goto done;
+    }
+    offs = PyBytes_FromStringAndSize(NULL, count * 8);
+    keys = PyList_New(count);
+    vals = PyList_New(count);
+    if (!offs || !keys || !vals) goto done;
+    int64_t *op = (int64_t *)PyBytes_AS_STRING(offs);
+    cur_t c = {(const unsigned char *)view.buf + pos, (const unsigned char *)view.buf + view.len};
+    for (Py_ssize_t i = 0; i < count; i++) {
+        int64_t length, attrs, ts_delta, off_delta, klen, vlen, nh;
+        if (!read_varint(&c, &length)) { corrupt("truncated length", i); goto done; }
+        const unsigned char *start = c.p;
+        if (length < 0 || length > c.end - c.p) { corrupt("length out of range", i); goto done; }
+        if (!read_varint(&c, &attrs) || !read_varint(&c, &ts_delta) || !read_varint(&c, &off_delta)
+            || !read_varint(&c, &klen)) { corrupt("truncated header", i); goto done; }
+        (void)attrs;
+        (void)ts_delta;
+        long long off;
+        if (__builtin_add_overflow(base_offset, off_delta, &off)) { corrupt("offset beyond int64", i); goto done; }
+        PyObject *key = take_bytes(&c, klen, "bad key length", i);
+        if (!key) goto done;
+        PyList_SET_ITEM(keys, i, key);  /* steals; an unset tail stays NULL, which list_dealloc skips */
+        if (!read_varint(&c, &vlen)) { corrupt("truncated value length", i); goto done; }
+        PyObject *value = take_bytes(&c, vlen, "bad value length", i);
+        if (!value) goto done;
+        PyList_SET_ITEM(vals, i, value);
+        if (!read_varint(&c, &nh) || nh < 0) { corrupt("bad header count", i); goto done; }
+        for (int64_t h = 0; h < nh; h++) {
+            int64_t hk, hv;
+            if (!read_varint(&c, &hk) || hk < 0 || hk > c.end - c.p) { corrupt("bad header key", i); goto done; }
+            PyObject *hkey = PyUnicode_DecodeUTF8((const char *)c.p, (Py_ssize_t)hk, "strict");
+            if (!hkey) {  /* refused as parse_v2 refuses it (rare: headers are not on the worker's path) */
+                PyErr_Clear();
+                corrupt("header key is not UTF-8", i);
+                goto done;
+            }
+            Py_DECREF(hkey);
+            c.p += hk;
+            if (!read_varint(&c, &hv)) { corrupt("truncated header value", i); goto done; }
+            if (hv > c.end - c.p) { corrupt("bad header value length", i); goto done; }
+            if (hv > 0) c.p += hv;
+        }
+        if (c.p - start != length) { corrupt("record size does not match its length", i); goto done; }
+        op[i] = off;
+    }
+    if (c.p != c.end) {
+        PyErr_Format(PyExc_ValueError, "%zd unconsumed bytes after all records consumed",
+                     (Py_ssize_t)(c.end - c.p));
+        goto done;
+    }
+    out = PyTuple_Pack(3, offs, keys, vals);
+done:
+    Py_XDECREF(offs);
+    Py_XDECREF(keys);
+    Py_XDECREF(vals);
+    PyBuffer_Release(&view);
+    return out;
+}
+
 /* ---- build: a record batch from keys and values (the producer side) ---- */
 
 static inline Py_ssize_t varint_size(int64_t v) {
@@ -335,6 +415,8 @@ static PyMethodDef methods[] = {
     {"message_columns", message_columns, METH_VARARGS,
      "confluent-kafka Messages as (partitions, offsets, values) columns, or None when one carries an error."},
     {"parse_v2", parse_v2, METH_VARARGS, "Records of a v2 record batch as ConsumerRecord tuples."},
+    {"parse_v2_columns", parse_v2_columns, METH_VARARGS,
+     "Records of a v2 record batch as (offsets, keys, values) columns."},
     {"build_v2", build_v2, METH_VARARGS, "An uncompressed v2 record batch from keys and values (CRC left 0)."},
     {NULL, NULL, 0, NULL},
 };

@@ -54,6 +54,7 @@ class WorkerSettings(CommonSettings):
     max_poll_interval_ms: int = Field(300_000, gt=0)  # Kafka group liveness; tests lower it
     session_timeout_ms: int = Field(10_000, gt=0)  # Kafka group session timeout
     lifelong_cap: int = Field(100_000, gt=0)  # behaviors kept per user
+    fetch_process: bool = True  # kafka-python: its consume runs in a child process (pipeline/_fetch_process.py)
 
 
 class ProduceSettings(CommonSettings):

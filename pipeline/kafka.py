@@ -64,7 +64,8 @@ class ProducerAdapter(Protocol):
 class _KafkaPythonConsumer:
     def __init__(self, bootstrap: str, topics: Iterable[str], group_id: str | None,
                  on_assign: RebalanceCb | None, on_revoke: RebalanceCb | None,
-                 max_poll_interval_ms: int, session_timeout_ms: int, max_poll_records: int) -> None:
+                 max_poll_interval_ms: int, session_timeout_ms: int, max_poll_records: int, *,
+                 fetch_max_bytes: int = 64 << 20, max_partition_fetch_bytes: int = 16 << 20) -> None:
         from kafka import ConsumerRebalanceListener, KafkaConsumer
 
         self._c = KafkaConsumer(
@@ -72,7 +73,7 @@ class _KafkaPythonConsumer:
             auto_offset_reset="earliest", max_poll_records=max_poll_records,
             max_poll_interval_ms=max_poll_interval_ms, session_timeout_ms=session_timeout_ms,
             heartbeat_interval_ms=max(100, session_timeout_ms // 4),
-            fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20,
+            fetch_max_bytes=fetch_max_bytes, max_partition_fetch_bytes=max_partition_fetch_bytes,
             reconnect_backoff_max_ms=2000, check_crcs=CHECK_CRCS,
         )
 
@@ -341,8 +342,17 @@ class _KafkaPythonProducer:
 def make_consumer(client: str, bootstrap: str, topics: Iterable[str], group_id: str | None = None, *,
                   on_assign: RebalanceCb | None = None, on_revoke: RebalanceCb | None = None,
                   max_poll_interval_ms: int = 300_000, session_timeout_ms: int = 10_000,
-                  max_poll_records: int = 5000) -> ConsumerAdapter:
+                  max_poll_records: int = 5000, fetch_process: bool = False) -> ConsumerAdapter:
+    """A group consumer of ``topics``. ``fetch_process`` (kafka-python, one topic): the client runs in a
+    child process (:mod:`pipeline._fetch_process`; the worker's default), where the C column parse was
+    built; otherwise in this process."""
     if client == "kafka-python":
+        from pipeline import _fetch_process
+
+        topics = list(topics)
+        if fetch_process and len(topics) == 1 and _fetch_process.available():
+            return _fetch_process.FetchProcessConsumer(bootstrap, topics, group_id, on_assign, on_revoke,
+                                                       max_poll_interval_ms, session_timeout_ms)
         return _KafkaPythonConsumer(bootstrap, topics, group_id, on_assign, on_revoke,
                                     max_poll_interval_ms, session_timeout_ms, max_poll_records)
     if client == "confluent":

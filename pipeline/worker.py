@@ -510,7 +510,7 @@ def _run(settings: WorkerSettings, stop: threading.Event, on_batch: Callable[[Wo
                              settings.group_id, on_assign=on_assign, on_revoke=worker.revoke,
                              max_poll_interval_ms=settings.max_poll_interval_ms,
                              session_timeout_ms=settings.session_timeout_ms,
-                             max_poll_records=settings.max_poll_records)
+                             max_poll_records=settings.max_poll_records, fetch_process=settings.fetch_process)
     consumer_ref.append(consumer)
     worker.on_committed = consumer.commit  # broker-side offsets follow each state commit (lag dashboards)
     started = time.monotonic()
