@@ -194,8 +194,9 @@ class _Child:
             self.send_error = e
 
     def _put(self, msg: bytes, partition: int = -1, first: int = -1) -> None:
-        """Queue a message for the pipe. Never blocks: the queue is bounded by pausing the fetch
-        (``run``), so that the main loop keeps polling, which is how it takes part in rebalances."""
+        """Queue a message for the pipe. Never blocks: ``run`` bounds the queue by not fetching while
+        it is full, and keeps doing the group's part of a poll meanwhile (how it takes part in
+        rebalances)."""
         if self.send_error is not None:
             raise _Stop
         self.q.put((partition, first, msg))
