@@ -96,14 +96,11 @@ def _die_with_parent() -> None:
 
 
 def _raw_records_class(base: type) -> type:
-    """kafka-python's ``PartitionRecords`` yielding one item per record batch instead of records:
-    ``(_DATA, (partition, fetch_offset, base_offset, count), records_section)`` or
-    ``(_LEGACY, partition, [(offset, key, value), ...])``. Positions advance per batch (``next_fetch_offset``), as the
-    fast path's do per record; everything else is kafka-python's loop (as in ``_kafka_fast``)."""
-    from kafka.consumer import fetcher as F
-
-    errors = F.Errors
-    read_committed = F.IsolationLevel.READ_COMMITTED
+    """The record fast path's ``PartitionRecords`` (``_kafka_fast``, ``base``) yielding one item per
+    record batch instead of records: ``(_DATA, (partition, fetch_offset, base_offset, count),
+    records_section)`` or ``(_LEGACY, partition, [(offset, key, value), ...])``. The batch loop
+    (CRC, transactions, control batches, decompression) and the legacy records are the fast path's;
+    positions advance per batch (``next_fetch_offset``), as the fast path's do per record."""
 
     class RawBatches(base):  # type: ignore[misc]
         def _maybe_skip_record(self, record: Any) -> bool:
@@ -111,54 +108,17 @@ def _raw_records_class(base: type) -> type:
 
         def _unpack_records(self, tp: Any, records: Any, key_deserializer: Any,
                             value_deserializer: Any) -> Iterator[Any]:
-            last_batch = None
-            batch = records.next_batch()
-            while batch is not None:
-                last_batch = batch
-                if self.check_crcs and not batch.validate_crc():
-                    raise errors.CorruptRecordError(
-                        f"Record batch for partition {tp} at offset {batch.base_offset} failed crc check")
+            for batch in self._batches(tp, records):
                 if batch.magic != 2:
-                    yield (_LEGACY, tp.partition, self._legacy(tp, batch))
-                    batch = records.next_batch()
+                    yield (_LEGACY, tp.partition, [(r.offset, r.key, r.value) for r in self._legacy_records(tp, batch)
+                                                   if r.offset >= self.fetch_offset])
                     continue
-                self.leader_epoch = batch.leader_epoch
-                if self.isolation_level == read_committed and batch.has_producer_id():
-                    self._consume_aborted_transactions_up_to(batch.last_offset)
-                    if self._contains_abort_marker(batch):
-                        self.aborted_producer_ids.discard(batch.producer_id)
-                    elif self._is_batch_aborted(batch):
-                        self.next_fetch_offset = batch.next_offset
-                        batch = records.next_batch()
-                        continue
-                if batch.is_control_batch:
-                    self.next_fetch_offset = batch.next_offset
-                    batch = records.next_batch()
-                    continue
-                batch._maybe_uncompress()
                 count = batch.records_count
                 self.records_read += max(count, 0)
                 self.bytes_read += len(batch._buffer) - batch._pos
                 self.next_fetch_offset = batch.next_offset
                 yield (_DATA, (tp.partition, self.fetch_offset, batch.base_offset, count),
                        memoryview(batch._buffer)[batch._pos:])
-                batch = records.next_batch()
-            if last_batch is not None and last_batch.magic == 2:
-                self.next_fetch_offset = last_batch.next_offset
-            self.drain()
-
-        def _legacy(self, tp: Any, batch: Any) -> list[tuple[int, bytes | None, bytes | None]]:
-            recs = []
-            for rec in batch:
-                if self.check_crcs and not rec.validate_crc():
-                    raise errors.CorruptRecordError(
-                        f"Record for partition {tp} at offset {rec.offset} failed crc check")
-                self.records_read += 1
-                self.bytes_read += rec.size_in_bytes
-                self.next_fetch_offset = rec.offset + 1
-                if rec.offset >= self.fetch_offset:
-                    recs.append((rec.offset, rec.key, rec.value))
-            return recs
 
     return RawBatches
 
@@ -180,10 +140,12 @@ class _Child:
             cfg["bootstrap"], cfg["topics"], cfg["group_id"], self._on_assign, self._on_revoke,
             cfg["max_poll_interval_ms"], cfg["session_timeout_ms"], CHILD_MAX_BATCHES,
             fetch_max_bytes=CHILD_FETCH_MAX_BYTES, max_partition_fetch_bytes=CHILD_PARTITION_FETCH_BYTES)
-        from kafka.consumer import fetcher as F
+        from pipeline import _kafka_fast
 
-        fetcher = self.consumer._c._fetcher
-        fetcher.PartitionRecords = _raw_records_class(F.Fetcher.PartitionRecords)
+        fast = _kafka_fast._fast_class()
+        if fast is None:  # available() checked it in the worker; a different kafka-python here would be odd
+            raise BrokerError("fetch process: kafka-python's record fast path is not available in the child")
+        self.consumer._c._fetcher.PartitionRecords = _raw_records_class(fast)
 
     # the pipe is written by one thread, so messages keep their order; the GIL is released while it writes
     def _send_loop(self) -> None:
@@ -405,13 +367,10 @@ class FetchProcessConsumer:
 
             raise CorruptRecordError(f"Found invalid record structure: {e}") from None
         offsets = np.frombuffer(offs, np.int64)
+        b = RecordBatch(self._topic, np.full(len(offsets), part, np.int64), offsets, vals, keys)
         if base_offset < fetch_offset and len(offsets) and offsets[0] < fetch_offset:
-            keep = offsets >= fetch_offset
-            offsets = offsets[keep]
-            idx = np.flatnonzero(keep).tolist()
-            vals = [vals[i] for i in idx]
-            keys = [keys[i] for i in idx]
-        return RecordBatch(self._topic, np.full(len(offsets), part, np.int64), offsets, vals, keys)
+            return b.take(np.flatnonzero(offsets >= fetch_offset))
+        return b
 
     def _rebalance(self, msg: bytes) -> None:
         tps: list[TopicPartitionT] = [(str(t), int(p)) for t, p in pickle.loads(msg[1:])]
@@ -473,12 +432,10 @@ class FetchProcessConsumer:
 
     def seek(self, tp: TopicPartitionT, offset: int) -> None:
         gen = self._gen[tp[1]] = self._gen.get(tp[1], 0) + 1
-        if self._rest is not None and tp[1] in set(self._rest.partition.tolist()):
-            keep = self._rest.partition != tp[1]
-            r = self._rest
-            idx = np.flatnonzero(keep).tolist()
-            self._rest = RecordBatch(self._topic, r.partition[keep], r.offset[keep], [r.value[i] for i in idx],
-                                     [r.key[i] for i in idx]) if idx else None
+        if self._rest is not None:  # records of that partition held back from the last poll: fetched before
+            rows = np.flatnonzero(self._rest.partition != tp[1])
+            if len(rows) < len(self._rest):
+                self._rest = self._rest.take(rows) if len(rows) else None
         self._send("seek", tp, offset, gen)
 
     def assignment(self) -> list[TopicPartitionT]:
@@ -520,7 +477,7 @@ def available() -> bool:
     and ``CTRSTREAM_FETCH_PROCESS`` is not 0. Otherwise the consumer stays in-process."""
     from pipeline import _kafka_fast
 
-    if not _kafka_fast._built_for_this_kafka_python():
+    if _kafka_fast._fast_class() is None:  # built for this kafka-python, its internals as expected
         return False
     from pipeline import _kafkarecords
     if mp.current_process().daemon:  # a daemonic process may not start children

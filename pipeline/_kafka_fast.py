@@ -88,6 +88,30 @@ def _fast_class() -> type | None:
                 yield from super()._unpack_records(tp, records, key_deserializer, value_deserializer)
                 return
             topic, partition = tp.topic, tp.partition
+            for batch in self._batches(tp, records):
+                if batch.magic != 2:  # the legacy formats (0.10 and older brokers): kafka-python's records
+                    yield from self._legacy_records(tp, batch)
+                    continue
+                log_append = batch.timestamp_type == batch.LOG_APPEND_TIME
+                try:
+                    recs, _end, nbytes = parse_v2(
+                        batch._buffer, batch._pos, batch.records_count, batch.base_offset,
+                        batch.max_timestamp if log_append else batch.first_timestamp, log_append,
+                        batch.timestamp_type, topic, partition, self.leader_epoch, consumer_record)
+                except ValueError as e:
+                    raise errors.CorruptRecordError(f"Found invalid record structure: {e}") from None
+                self.records_read += len(recs)
+                self.bytes_read += nbytes
+                for r in recs:
+                    self.next_fetch_offset = r[3] + 1
+                    yield r
+
+        def _batches(self, tp: Any, records: Any) -> Iterator[Any]:
+            """kafka-python's batch loop, records left to the caller: each batch whose records the
+            consumer returns, in order (CRC checked; aborted and control batches skipped, the position
+            moved past them; v2 batches decompressed); after the last, the position past it (format v2
+            keeps a batch's last offset even when compaction removed its last record), then drain.
+            Also the fetch process's loop (pipeline/_fetch_process.py), which ships v2 batches whole."""
             last_batch = None
             batch = records.next_batch()
             while batch is not None:
@@ -95,8 +119,8 @@ def _fast_class() -> type | None:
                 if self.check_crcs and not batch.validate_crc():
                     raise errors.CorruptRecordError(
                         f"Record batch for partition {tp} at offset {batch.base_offset} failed crc check")
-                if batch.magic != 2:  # the legacy formats (0.10 and older brokers): kafka-python's records
-                    yield from self._legacy_records(tp, batch)
+                if batch.magic != 2:
+                    yield batch
                     batch = records.next_batch()
                     continue
                 self.leader_epoch = batch.leader_epoch
@@ -113,21 +137,8 @@ def _fast_class() -> type | None:
                     batch = records.next_batch()
                     continue
                 batch._maybe_uncompress()
-                log_append = batch.timestamp_type == batch.LOG_APPEND_TIME
-                try:
-                    recs, _end, nbytes = parse_v2(
-                        batch._buffer, batch._pos, batch.records_count, batch.base_offset,
-                        batch.max_timestamp if log_append else batch.first_timestamp, log_append,
-                        batch.timestamp_type, topic, partition, self.leader_epoch, consumer_record)
-                except ValueError as e:
-                    raise errors.CorruptRecordError(f"Found invalid record structure: {e}") from None
-                self.records_read += len(recs)
-                self.bytes_read += nbytes
-                for r in recs:
-                    self.next_fetch_offset = r[3] + 1
-                    yield r
+                yield batch
                 batch = records.next_batch()
-            # format v2 keeps a batch's last offset even when compaction removed its last record
             if last_batch is not None and last_batch.magic == 2:
                 self.next_fetch_offset = last_batch.next_offset
             self.drain()
