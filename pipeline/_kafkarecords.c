@@ -62,6 +62,23 @@ static PyObject *corrupt(const char *what, Py_ssize_t i) {
     return NULL;
 }
 
+/* A record's length and its fields up to the key (attributes read and ignored); 0, with the
+ * ValueError for record i set, when they are truncated or the length runs past the buffer. */
+typedef struct {
+    int64_t length, ts_delta, off_delta, klen;
+    const unsigned char *start; /* where the record's Length counts from */
+} rec_head_t;
+
+static inline int read_head(cur_t *c, Py_ssize_t i, rec_head_t *h) {
+    int64_t attrs;
+    if (!read_varint(c, &h->length)) { corrupt("truncated length", i); return 0; }
+    h->start = c->p;
+    if (h->length < 0 || h->length > c->end - c->p) { corrupt("length out of range", i); return 0; }
+    if (!read_varint(c, &attrs) || !read_varint(c, &h->ts_delta) || !read_varint(c, &h->off_delta)
+        || !read_varint(c, &h->klen)) { corrupt("truncated header", i); return 0; }
+    return 1;
+}
+
 /* bytes or None from a nullable-bytes field of length n (negative: null, as kafka-python reads it);
  * NULL with an exception set when the field runs past the buffer (`what`, record i) or on no memory */
 static inline PyObject *take_bytes(cur_t *c, int64_t n, const char *what, Py_ssize_t i) {
@@ -108,14 +125,10 @@ static PyObject *parse_v2(PyObject *self, PyObject *args) {
     cur_t c = {(const unsigned char *)view.buf + pos, (const unsigned char *)view.buf + view.len};
     long long bytes_read = 0;
     for (Py_ssize_t i = 0; i < count; i++) {
-        int64_t length, attrs, ts_delta, off_delta, klen, vlen, nh;
-        if (!read_varint(&c, &length)) { corrupt("truncated length", i); goto fail; }
-        const unsigned char *start = c.p;
-        if (length < 0 || length > c.end - c.p) { corrupt("length out of range", i); goto fail; }
-        if (!read_varint(&c, &attrs) || !read_varint(&c, &ts_delta) || !read_varint(&c, &off_delta)
-            || !read_varint(&c, &klen)) { corrupt("truncated header", i); goto fail; }
-        (void)attrs;
-        PyObject *key = take_bytes(&c, klen, "bad key length", i);
+        rec_head_t h;
+        int64_t vlen, nh;
+        if (!read_head(&c, i, &h)) goto fail;
+        PyObject *key = take_bytes(&c, h.klen, "bad key length", i);
         if (!key) goto fail;
         if (!read_varint(&c, &vlen)) { Py_DECREF(key); corrupt("truncated value length", i); goto fail; }
         PyObject *value = take_bytes(&c, vlen, "bad value length", i);
@@ -145,14 +158,14 @@ static PyObject *parse_v2(PyObject *self, PyObject *args) {
             if (!pair || PyList_Append(headers, pair) < 0) { Py_XDECREF(pair); goto fail_rec; }
             Py_DECREF(pair);
         }
-        if (c.p - start != length) { corrupt("record size does not match its length", i); goto fail_rec; }
-        bytes_read += length;
+        if (c.p - h.start != h.length) { corrupt("record size does not match its length", i); goto fail_rec; }
+        bytes_read += h.length;
 
         PyObject *rec = rt->tp_alloc(rt, 13);
         if (!rec) goto fail_rec;
-        PyObject *off = add_ll(base_offset, off_delta);
-        PyObject *ts = ts_is_log_append ? PyLong_FromLongLong(timestamp) : add_ll(timestamp, ts_delta);
-        PyObject *ks = PyLong_FromLongLong(klen >= 0 ? klen : -1);
+        PyObject *off = add_ll(base_offset, h.off_delta);
+        PyObject *ts = ts_is_log_append ? PyLong_FromLongLong(timestamp) : add_ll(timestamp, h.ts_delta);
+        PyObject *ks = PyLong_FromLongLong(h.klen >= 0 ? h.klen : -1);
         PyObject *vs = PyLong_FromLongLong(vlen >= 0 ? vlen : -1);
         PyObject *hs = PyLong_FromLongLong(header_size);
         if (!off || !ts || !ks || !vs || !hs) {
@@ -224,17 +237,12 @@ static PyObject *parse_v2_columns(PyObject *self, PyObject *args) {
     int64_t *op = (int64_t *)PyBytes_AS_STRING(offs);
     cur_t c = {(const unsigned char *)view.buf + pos, (const unsigned char *)view.buf + view.len};
     for (Py_ssize_t i = 0; i < count; i++) {
-        int64_t length, attrs, ts_delta, off_delta, klen, vlen, nh;
-        if (!read_varint(&c, &length)) { corrupt("truncated length", i); goto done; }
-        const unsigned char *start = c.p;
-        if (length < 0 || length > c.end - c.p) { corrupt("length out of range", i); goto done; }
-        if (!read_varint(&c, &attrs) || !read_varint(&c, &ts_delta) || !read_varint(&c, &off_delta)
-            || !read_varint(&c, &klen)) { corrupt("truncated header", i); goto done; }
-        (void)attrs;
-        (void)ts_delta;
+        rec_head_t h;
+        int64_t vlen, nh;
+        if (!read_head(&c, i, &h)) goto done;
         long long off;
-        if (__builtin_add_overflow(base_offset, off_delta, &off)) { corrupt("offset beyond int64", i); goto done; }
-        PyObject *key = take_bytes(&c, klen, "bad key length", i);
+        if (__builtin_add_overflow(base_offset, h.off_delta, &off)) { corrupt("offset beyond int64", i); goto done; }
+        PyObject *key = take_bytes(&c, h.klen, "bad key length", i);
         if (!key) goto done;
         PyList_SET_ITEM(keys, i, key);  /* steals; an unset tail stays NULL, which list_dealloc skips */
         if (!read_varint(&c, &vlen)) { corrupt("truncated value length", i); goto done; }
@@ -257,7 +265,7 @@ static PyObject *parse_v2_columns(PyObject *self, PyObject *args) {
             if (hv > c.end - c.p) { corrupt("bad header value length", i); goto done; }
             if (hv > 0) c.p += hv;
         }
-        if (c.p - start != length) { corrupt("record size does not match its length", i); goto done; }
+        if (c.p - h.start != h.length) { corrupt("record size does not match its length", i); goto done; }
         op[i] = off;
     }
     if (c.p != c.end) {
