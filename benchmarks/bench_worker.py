@@ -214,8 +214,8 @@ def worker_run(client: str, bootstrap: str, topic: str, store: str, n: int, args
         marks.setdefault("cpu_assigned", time.process_time())
         return orig_assign(self, tps)
 
-    def commit(self: Any) -> bool:  # the end: the commit that stores the last event
-        ok = orig_commit(self)
+    def commit(self: Any, *a: Any, **k: Any) -> bool:  # the end: the commit that stores the last event
+        ok = orig_commit(self, *a, **k)
         if ok and "end" not in marks and sum(self.stored_offsets.values()) >= n:
             marks["end"] = time.perf_counter()
             marks["cpu1"] = time.process_time()

@@ -25,6 +25,12 @@ What makes this exact, not just faster:
   opened are the commit's ``expect_offsets``; a zombie's commit is refused whole.
 * **Broker offsets follow the state.** Only after the store commit returns are the same offsets
   committed to the broker (``on_committed``; informational, for lag dashboards).
+* **At most one commit in flight.** :meth:`Checkpoint.submit` hands a checkpoint to the store as a
+  :class:`PendingCommit`, in a background thread when asked (the stream worker asks: see
+  ``pipeline.worker``), so the store's part (a Redis script runs in ``redis-server``; LMDB writes
+  and syncs its pages) overlaps the next batches. The caller waits for it before it submits the
+  next one, so commits land in order and the next checkpoint is fenced on this one's offsets; if
+  it fails, everything after it is discarded with it.
 
 Sequence appends are buffered as the batches' columns (arrival order) and grouped by user once,
 at commit: a user touched by every batch of a checkpoint costs one tail-chunk rewrite, not one per
@@ -33,6 +39,7 @@ batch.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,7 +50,7 @@ from pipeline.exceptions import OffsetRegressionError
 from pipeline.kafka import ProducerAdapter, TopicPartitionT
 from pipeline.state import GroupedAppends, SequenceStore, StateDelta
 
-__all__ = ["Checkpoint", "CommitPolicy", "DEFAULT_COMMIT_INTERVAL_MS", "DEFAULT_COMMIT_MAX_EVENTS"]
+__all__ = ["Checkpoint", "CommitPolicy", "DEFAULT_COMMIT_INTERVAL_MS", "DEFAULT_COMMIT_MAX_EVENTS", "PendingCommit"]
 
 #: How long a checkpoint stays open. One second bounds what a crash replays (about one second of
 #: the stream, and the samples of that second re-emitted with their ids) and how stale the store
@@ -126,12 +133,23 @@ class Checkpoint:
             self.opened = self._clock()  # the interval runs from the first record, not from the last commit
         self.events += events
 
-    def _grouped_appends(self) -> GroupedAppends:
-        if not self._cols:
-            return GroupedAppends.of({})
-        cols = [np.concatenate(c) if len(self._cols) > 1 else c[0] for c in zip(*self._cols, strict=True)]
-        user, item, cat, act, ts = cols
-        return GroupedAppends.from_columns(user, item, cat, act, ts)
+    def discard(self) -> None:
+        """Forget the open checkpoint (its state was built on a commit that failed)."""
+        self._reset()
+
+    def submit(self, store: SequenceStore, producer: ProducerAdapter, background: bool = False) -> PendingCommit | None:
+        """Flush the producer, then hand the checkpoint to the store: in a background thread when
+        ``background``, else now. A new checkpoint opens either way. None when there was nothing to
+        commit. Raises what the flush raises (the checkpoint is discarded: nothing of it is stored);
+        what the store raises comes from :meth:`PendingCommit.wait`."""
+        if self.empty:
+            return None
+        delta, cols = self.delta, self._cols
+        try:
+            producer.flush()  # samples + dead letters are on the broker before the state that made them
+        finally:
+            self._reset()
+        return PendingCommit(store, delta, cols, background)
 
     def commit(self, store: SequenceStore, producer: ProducerAdapter,
                on_committed: Callable[[dict[TopicPartitionT, int]], None] | None = None) -> StateDelta | None:
@@ -141,15 +159,59 @@ class Checkpoint:
         Raises what the flush or the store raises (a fenced commit: ``OffsetRegressionError``); the
         checkpoint is then discarded either way (the caller reloads the state it described).
         """
-        if self.empty:
+        pending = self.submit(store, producer)
+        if pending is None:
             return None
-        delta = self.delta
-        delta.appends = self._grouped_appends()
-        try:
-            producer.flush()  # samples + dead letters are on the broker before the state that made them
-            store.commit(delta)
-        finally:
-            self._reset()
+        delta = pending.wait()
         if on_committed is not None:
             on_committed(dict(delta.offsets))
         return delta
+
+
+class PendingCommit:
+    """A checkpoint handed to the store: the appends are grouped by user and the delta committed, in
+    a thread of its own when ``background`` (numpy's sort, the Redis round trip and LMDB's page
+    writes and sync release the GIL, so the caller's next batches run meanwhile), else at once.
+    :meth:`wait` returns the committed delta or raises what the commit raised."""
+
+    def __init__(self, store: SequenceStore, delta: StateDelta, cols: list[tuple[np.ndarray, ...]],
+                 background: bool) -> None:
+        self.delta = delta
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(target=self._run, args=(store, cols), name="ctrstream-commit",
+                                            daemon=True)
+            self._thread.start()
+        else:
+            self._run(store, cols)
+
+    def _run(self, store: SequenceStore, cols: list[tuple[np.ndarray, ...]]) -> None:
+        try:
+            self.delta.appends = _grouped_appends(cols)
+            store.commit(self.delta)
+        except BaseException as e:  # noqa: BLE001 - raised again by wait(), in the caller's thread
+            self._error = e
+
+    def done(self) -> bool:
+        return self._thread is None or not self._thread.is_alive()
+
+    def join(self) -> None:
+        """Wait for the commit to end, whatever its outcome."""
+        if self._thread is not None:
+            self._thread.join()
+
+    def wait(self) -> StateDelta:
+        self.join()
+        err, self._error = self._error, None
+        if err is not None:
+            raise err
+        return self.delta
+
+
+def _grouped_appends(cols: list[tuple[np.ndarray, ...]]) -> GroupedAppends:
+    """A checkpoint's buffered append columns (one tuple per batch, arrival order), grouped by user."""
+    if not cols:
+        return GroupedAppends.of({})
+    user, item, cat, act, ts = [np.concatenate(c) if len(cols) > 1 else c[0] for c in zip(*cols, strict=True)]
+    return GroupedAppends.from_columns(user, item, cat, act, ts)

@@ -55,6 +55,9 @@ class WorkerSettings(CommonSettings):
     session_timeout_ms: int = Field(10_000, gt=0)  # Kafka group session timeout
     lifelong_cap: int = Field(100_000, gt=0)  # behaviors kept per user
     fetch_process: bool = True  # kafka-python: its consume runs in a child process (pipeline/_fetch_process.py)
+    # a commit that falls due runs in a background thread while the next batches are processed (at most
+    # one in flight; pipeline/worker.py StreamWorker.commit)
+    background_commit: bool = True
 
 
 class ProduceSettings(CommonSettings):

@@ -10,7 +10,9 @@ Per poll batch:
 3. the per-partition event-time watermark (max event time seen - allowed lateness) labels every
    pending impression whose attribution window has closed: label 1 if clicked, else 0;
 4. samples and dead letters are produced and flushed, THEN the store commits appends, pending
-   edits, offsets and watermarks in one atomic unit.
+   edits, offsets and watermarks in one atomic unit (per checkpoint of several batches; under
+   ``run_worker`` in a background thread while the next batches are processed, at most one commit
+   in flight: :meth:`StreamWorker.commit`).
 
 Crash anywhere: on restart (and on every partition assignment) the worker seeks to the offsets
 stored with the state, not the broker's, so the state is exactly as if it never crashed. Samples
@@ -71,7 +73,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import joins
-from pipeline.checkpoint import Checkpoint, CommitPolicy
+from pipeline.checkpoint import Checkpoint, CommitPolicy, PendingCommit
 from pipeline.config import WorkerSettings
 from pipeline.events import ACTIONS, BEHAVIOR, CLICK, IMPRESSION, RawRecord, RecordBatch, decode_batch
 from pipeline.exceptions import OffsetRegressionError
@@ -138,10 +140,16 @@ class _PartitionState:
 
 
 class StreamWorker:
-    """Processes poll batches against a store. Transport-agnostic: ``process`` takes raw records."""
+    """Processes poll batches against a store. Transport-agnostic: ``process`` takes raw records.
+
+    ``background_commits``: a checkpoint that falls due inside :meth:`process` is committed in a
+    background thread while the next batches are processed (``run_worker`` turns it on with
+    ``settings.background_commit``; see :meth:`commit`). Off, every commit ends before the call that
+    made it returns, which is what tests that read the store between calls rely on.
+    """
 
     def __init__(self, settings: WorkerSettings, store: SequenceStore, producer: ProducerAdapter,
-                 join_impl: JoinImpl | None = None) -> None:
+                 join_impl: JoinImpl | None = None, background_commits: bool = False) -> None:
         self.s = settings
         #: the join loop: the C one when built (pipeline.joins), else the Python reference
         self._jimpl = join_impl or joins.DEFAULT
@@ -152,6 +160,11 @@ class StreamWorker:
         self._lengths: dict[int, int] = {}
         self._group = settings.group_id
         self._stored_offsets: dict[TopicPartitionT, int] = {}
+        #: the stored offsets plus those of the commit in flight: what the next checkpoint is fenced on,
+        #: and below which a record was applied already
+        self._fence_offsets: dict[TopicPartitionT, int] = {}
+        self._background = background_commits
+        self._inflight: PendingCommit | None = None
         self._prefixes: dict[TopicPartitionT, bytes] = {}
         #: the open unit of work: every batch since the last commit (pipeline.checkpoint)
         self.checkpoint = Checkpoint(self._group, CommitPolicy(settings.commit_interval_ms,
@@ -181,6 +194,7 @@ class StreamWorker:
         """Load state for newly owned partitions; return the offsets to seek to (stored, else 0)."""
         self.commit()  # work done under the old assignment (none after a revoke: eager rebalances revoke first)
         self._stored_offsets = self.store.offsets(self._group)
+        self._fence_offsets = dict(self._stored_offsets)
         self._lengths.clear()  # another worker may have appended while we did not own these users
         seeks: dict[TopicPartitionT, int] = {}
         for tp in tps:
@@ -215,15 +229,53 @@ class StreamWorker:
         log.info("revoked %s", tps)
 
     # ---- commits ------------------------------------------------------------------------------------
-    def commit(self) -> bool:
-        """Commit the open checkpoint now (flush, then one atomic store commit, then the broker's
-        offsets). False when the commit was fenced: ``fenced`` is set, the caller re-assigns."""
+    def commit(self, wait: bool = True) -> bool:
+        """Commit the open checkpoint (flush, then one atomic store commit, then the broker's offsets).
+        False when a commit was fenced: ``fenced`` is set, the caller re-assigns.
+
+        At most one commit is in flight. Any earlier one is waited for first, so commits land in
+        order. With ``wait`` (every caller but :meth:`process`) this one is waited for too; without
+        it, and with background commits on, the store commits in a thread while the caller goes on:
+        the next checkpoint is fenced on this one's offsets, and its outcome is taken up by the next
+        :meth:`process`, :meth:`commit` or :meth:`commit_if_due` (:meth:`_settle`). If it fails,
+        the batches processed meanwhile are discarded with it, as if the worker had crashed there.
+        """
+        if not self._settle():
+            return False
         cp = self.checkpoint
         self._stage_pending(cp.delta)
         if cp.empty:
             return True
+        if len(self._lengths) > LENGTH_CACHE_MAX:
+            wait = True  # the cache is cleared below, once everything it holds is stored
+        background = self._background and not wait
         try:
-            delta = cp.commit(self.store, self.producer, self.on_committed)
+            self._inflight = cp.submit(self.store, self.producer, background)
+        except BaseException:
+            self._discard()  # a failed flush: nothing of the checkpoint is stored; it propagates
+            raise
+        if self._inflight is not None:
+            self._fence_offsets.update(self._inflight.delta.offsets)
+        if background:
+            return True
+        if not self._settle():
+            return False
+        if len(self._lengths) > LENGTH_CACHE_MAX:
+            # only here: nothing in flight, nothing open, so every length in the cache is stored (a
+            # length read while a commit is in flight is of a user it does not touch: that user would
+            # be in the cache)
+            self._lengths.clear()
+        return True
+
+    def _settle(self, block: bool = True) -> bool:
+        """Take up the outcome of the commit in flight (waiting for it when ``block``; else only if it
+        ended). False when it was fenced."""
+        pending = self._inflight
+        if pending is None or (not block and not pending.done()):
+            return True
+        self._inflight = None
+        try:
+            delta = pending.wait()
         except OffsetRegressionError as e:
             log.warning("%s", e)
             self.stats.fenced_commits += 1
@@ -231,14 +283,20 @@ class StreamWorker:
             self.fenced = True
             return False
         except BaseException:
-            self._discard()  # a failed flush or store: nothing of the checkpoint is stored; it propagates
+            self._discard()  # a failed store commit: nothing of it is stored; it propagates
             raise
-        if delta is not None:
-            self.stats.commits += 1
-            self._stored_offsets.update(delta.offsets)
-        if len(self._lengths) > LENGTH_CACHE_MAX:
-            self._lengths.clear()  # only here: between commits the cache holds uncommitted appends
+        self.stats.commits += 1
+        self._stored_offsets.update(delta.offsets)
+        if self.on_committed is not None:
+            self.on_committed(dict(delta.offsets))
         return True
+
+    def abandon(self) -> None:
+        """Wait for a commit still in flight without taking up its outcome: the process is leaving on
+        an error, and the store must not be closed under the commit."""
+        pending, self._inflight = self._inflight, None
+        if pending is not None:
+            pending.join()
 
     def _stage_pending(self, delta: StateDelta) -> None:
         """Write the pending impressions and orphan clicks changed since the last commit into the
@@ -253,14 +311,17 @@ class StreamWorker:
                 stage(st.touched_orphans, st.orphans, st.stored_orphans, self._prefix(tp), b"C", put, dele)
 
     def commit_if_due(self) -> bool:
-        """Commit when the policy says so (``commit_max_events`` or ``commit_interval_ms``)."""
-        return self.commit() if self.checkpoint.due() else True
+        """Commit when the policy says so (``commit_max_events`` or ``commit_interval_ms``); either
+        way, take up the outcome of a commit in flight (called when no record came: waiting is free)."""
+        return self.commit() if self.checkpoint.due() else self._settle()
 
     def _discard(self) -> None:
         # The in-memory state of every partition moved past what the store holds: forget it all. The
         # caller re-assigns (reloads from the store, seeks to the stored offsets) or the process exits.
         self._parts.clear()
         self._lengths.clear()
+        self.checkpoint.discard()  # batches processed while a failed commit was in flight
+        self._fence_offsets = dict(self._stored_offsets)
 
     # ---- the batch ----------------------------------------------------------------------------------
     def process(self, records: RecordBatch | list[RawRecord]) -> int:
@@ -270,6 +331,8 @@ class StreamWorker:
         n = len(batch)
         if not n:
             return 0
+        if self._inflight is not None and not self._settle(block=False):
+            return 0  # the commit in flight was fenced: the caller re-assigns (reload, seek) first
         s = self.stats
         cp = self.checkpoint
         s.batches += 1
@@ -284,7 +347,7 @@ class StreamWorker:
         first = dict(zip(keys, offs[i_first].tolist(), strict=True))
         last = dict(zip(keys, offs[i_last].tolist(), strict=True))
         # applied = stored, or further in the open checkpoint: a record below it is never applied again
-        applied = {**self._stored_offsets, **cp.delta.offsets}
+        applied = {**self._fence_offsets, **cp.delta.offsets}
         low = {tp: applied[tp] for tp, off in first.items()
                if tp in self._parts and tp in applied and off < applied[tp]}
         if low:
@@ -299,12 +362,12 @@ class StreamWorker:
         delta = cp.delta
         emitted = self._apply(decoded, topic, {tp[1] for tp in owned})
         for tp in owned:
-            cp.advance(tp, last[tp] + 1, self._stored_offsets.get(tp))
+            cp.advance(tp, last[tp] + 1, self._fence_offsets.get(tp))
             delta.meta[self._wm_key(tp)] = _WM.pack(self._parts[tp].watermark)
         for d in dead:
             self.producer.send(self.s.dlq_topic, d.record.key, d.to_json())
         if cp.due():
-            self.commit()
+            self.commit(wait=False)
         return emitted
 
     def _below_stored(self, batch: RecordBatch, low: dict[TopicPartitionT, int],
@@ -491,7 +554,7 @@ def _run(settings: WorkerSettings, stop: threading.Event, on_batch: Callable[[Wo
             signal.signal(sig, lambda *_: stop.set())
     store = open_store(settings.store, cap=settings.lifelong_cap)
     producer = make_producer(settings.kafka_client, settings.bootstrap_servers)
-    worker = StreamWorker(settings, store, producer)
+    worker = StreamWorker(settings, store, producer, background_commits=settings.background_commit)
     consumer_ref: list[ConsumerAdapter] = []
     pending_seeks: dict[TopicPartitionT, int] = {}
 
@@ -548,6 +611,7 @@ def _run(settings: WorkerSettings, stop: threading.Event, on_batch: Callable[[Wo
             if on_batch:
                 on_batch(worker.stats)
     finally:
+        worker.abandon()  # after an error: a commit still in flight ends before the store closes
         consumer.close()
         producer.close()
         store.close()

@@ -3,6 +3,8 @@ N records or T ms, at once on revoke and stop, and still exactly-once."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -215,3 +217,148 @@ def test_pending_edits_are_staged_at_commit_only_for_what_outlives_the_checkpoin
     assert deltas[1] == (set(), put)  # the stored key is deleted, nothing else touched
     assert not dict(w.store.pending_items()) and [s["label"] for s in w.producer.samples()] == [1, 1]
     assert w.stats.unmatched_clicks == 1
+
+
+# ---- commits in a background thread (StreamWorker(background_commits=True), as run_worker runs) ----
+
+class GatedStore:
+    """A store whose commits wait for the test's go-ahead (``gate``), so a commit stays in flight
+    while the worker processes further batches; ``fail`` makes the next commit raise; ``crashed``
+    drops commits that had not reached the store yet (the process died under them)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail: BaseException | None = None
+        self.crashed = False
+        self.active = self.max_active = 0
+        self.entered = threading.Event()  # a commit reached the store
+        self._lock = threading.Lock()
+
+    def commit(self, delta) -> None:
+        with self._lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        self.entered.set()
+        try:
+            assert self.gate.wait(30), "the test never opened the gate"
+            if self.fail is not None:
+                raise self.fail
+            if not self.crashed:
+                self.inner.commit(delta)
+        finally:
+            with self._lock:
+                self.active -= 1
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def bg_worker(store, parts=(0,), **kw) -> StreamWorker:
+    s = WorkerSettings(store="memory://", **{"allowed_lateness_ms": 0, "commit_interval_ms": NEVER_MS, **kw})
+    w = StreamWorker(s, store, ListProducer(), background_commits=True)
+    w.assign([("events", p) for p in parts])
+    return w
+
+
+def wait_landed(w: StreamWorker) -> None:
+    """Until the commit in flight has ended (its outcome is taken up by the worker's next call)."""
+    w._inflight.join()  # noqa: SLF001 - the test needs the commit over, not settled
+
+
+def test_a_background_commit_overlaps_the_next_batches_and_commits_land_in_order():
+    store = GatedStore(open_store("memory://"))
+    w = bg_worker(store, commit_max_events=2)
+    told = []
+    w.on_committed = told.append
+    store.gate.clear()
+    w.process(records([event(ts=T0), event(ts=T0 + 1)]))  # due: handed to the store, which waits
+    w.process(records([event(ts=T0 + 2)], start=2))  # processed while that commit is in flight
+    assert store.entered.wait(10) and store.active == 1 and store.inner.offsets("ctrstream-worker") == {} and w.stats.commits == 0
+    assert w.checkpoint.events == 1 and w.stored_offsets == {}
+    store.gate.set()
+    assert w.commit()  # the one in flight lands first, then this one
+    assert told == [{("events", 0): 2}, {("events", 0): 3}] and w.stats.commits == 2
+    assert store.max_active == 1 and store.inner.offsets("ctrstream-worker") == {("events", 0): 3}
+    assert store.inner.length(hash_id(1)) == 3 and w.stored_offsets == {("events", 0): 3}
+
+
+def test_a_fenced_background_commit_is_discarded_with_everything_processed_after_it():
+    inner = open_store("memory://")
+    zombie_store = GatedStore(inner)
+    zombie = bg_worker(zombie_store, parts=(0, 1), commit_max_events=2)
+    zombie.process(records([event(user=2, ts=T0)], partition=0))
+    owner = worker(inner, parts=(0,), commit_max_events=1)
+    owner.process(records([event(user=2, ts=T0)], partition=0))  # the new owner of events/0 commits
+    zombie_store.gate.clear()
+    zombie.process(records([event(user=3, ts=T0)], partition=1))  # due: in flight, and fenced
+    zombie.process(records([event(user=3, ts=T0 + 1)], start=1, partition=1))  # built on it
+    zombie_store.gate.set()
+    wait_landed(zombie)
+    assert zombie.process(records([event(user=3, ts=T0 + 2)], start=2, partition=1)) == 0
+    assert zombie.fenced and zombie.stats.fenced_commits == 1 and zombie.checkpoint.empty
+    assert inner.length(hash_id(3)) == 0 and inner.offsets("ctrstream-worker") == {("events", 0): 1}
+    zombie.fenced = False
+    assert zombie.assign([("events", 1)]) == {("events", 1): 0}  # reload, seek, replay
+    zombie.process(records([event(user=3, ts=T0 + i) for i in range(3)], partition=1))
+    zombie.commit()
+    assert inner.length(hash_id(3)) == 3 and inner.length(hash_id(2)) == 1
+
+
+def test_a_failed_background_commit_is_raised_by_the_next_call_and_nothing_after_it_is_stored():
+    store = GatedStore(open_store("memory://"))
+    w = bg_worker(store, commit_max_events=2)
+    store.fail = RuntimeError("disk full")
+    store.gate.clear()
+    w.process(records([event(ts=T0), event(ts=T0 + 1)]))
+    w.process(records([event(ts=T0 + 2)], start=2))
+    store.gate.set()
+    wait_landed(w)
+    with pytest.raises(RuntimeError, match="disk full"):
+        w.process(records([event(ts=T0 + 3)], start=3))
+    assert w.checkpoint.empty and store.inner.offsets("ctrstream-worker") == {}
+    assert store.inner.length(hash_id(1)) == 0 and w.stats.commits == 0
+
+
+def test_abandon_waits_for_the_commit_in_flight():
+    store = GatedStore(open_store("memory://"))
+    w = bg_worker(store, commit_max_events=1)
+    store.gate.clear()
+    w.process(records([event(ts=T0)]))
+    threading.Timer(0.2, store.gate.set).start()
+    w.abandon()  # returns only once the commit has ended: the store may be closed now
+    assert store.active == 0 and store.inner.offsets("ctrstream-worker") == {("events", 0): 1}
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10**6), crash_at=st.integers(0, 300), batch=st.sampled_from([1, 7, 40]),
+       commit_every=st.sampled_from([1, 5, 50]), landed=st.booleans())
+def test_a_crash_with_a_background_commit_in_flight_replays_to_the_uninterrupted_state(
+        seed, crash_at, batch, commit_every, landed):
+    """Background commits, and a crash while one is in flight: whether it reached the store
+    (``landed``) or not, a new worker resumes from the stored offsets to the oracle's state, and every
+    sample of the oracle is emitted."""
+    raw = _layout(_stream(seed, 300))
+    inner = open_store("memory://")
+    store = GatedStore(inner)
+    a = bg_worker(store, parts=(0, 1), commit_max_events=commit_every, allowed_lateness_ms=5000)
+    for i in range(0, crash_at, batch):
+        if not landed and i + batch >= crash_at:
+            store.gate.clear()  # the last batches' commit does not reach the store before the crash
+        a.process(raw[i:min(i + batch, crash_at)])
+    store.crashed = True  # the process dies: a commit not yet in the store never gets there
+    store.gate.set()
+    a.abandon()
+    b = bg_worker(inner, parts=(), commit_max_events=commit_every, allowed_lateness_ms=5000)
+    seeks = b.assign([("events", 0), ("events", 1)])
+    rest = [r for r in raw if r.offset >= seeks[(r.topic, r.partition)]]
+    for i in range(0, len(rest), batch):
+        b.process(rest[i:i + batch])
+    b.commit()
+    assert inner.digest() == oracle_digest(raw, "ctrstream-worker", allowed_lateness_ms=5000)
+    ref = worker(parts=(0, 1), allowed_lateness_ms=5000)
+    ref.process(raw)
+    ref.commit()
+    emitted = {v for t, _, v in a.producer.sent + b.producer.sent if t == "samples"}
+    assert emitted == {v for t, _, v in ref.producer.sent if t == "samples"}
