@@ -133,8 +133,9 @@ def test_samples_flushed_before_state_commit():
 
 
 @pytest.mark.kafka
-@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
-def test_worker_against_real_broker(broker, tmp_path, client):
+@pytest.mark.parametrize("client,background_commit", [("kafka-python", True), ("confluent", True),
+                                                      ("kafka-python", False)])
+def test_worker_against_real_broker(broker, tmp_path, client, background_commit):
     from kafka import KafkaConsumer, TopicPartition
 
     from pipeline.produce import produce_events
@@ -159,9 +160,10 @@ def test_worker_against_real_broker(broker, tmp_path, client):
     ws = WorkerSettings(bootstrap_servers=broker.bootstrap, events_topic=ps.events_topic,
                         samples_topic=ps.samples_topic, dlq_topic=ps.dlq_topic, group_id=f"w-{tag}",
                         store=f"lmdb://{tmp_path}/st", exit_when_idle=2, drain_on_exit=True,
-                        max_poll_interval_ms=3000, session_timeout_ms=3000, kafka_client=client)
-    stats = run_worker(ws, install_signals=False)
-    assert stats.samples == 4 and stats.positives == 2 and stats.dead_letters == 1
+                        max_poll_interval_ms=3000, session_timeout_ms=3000, kafka_client=client,
+                        max_poll_records=10, commit_max_events=20, background_commit=background_commit)
+    stats = run_worker(ws, install_signals=False)  # checkpoints of ~2 batches fall due inside process()
+    assert stats.samples == 4 and stats.positives == 2 and stats.dead_letters == 1 and stats.commits >= 4
 
     def read_all(topic, parts):
         c = KafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False)
