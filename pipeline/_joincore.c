@@ -41,12 +41,28 @@ static inline PyObject *untracked(PyObject *o) {
 /* Entries are (ts, rid, item) tuples: comparing them runs no Python code, so the list cannot change
  * under a comparison, and moving pointers around keeps every reference count as it is. */
 
+/* a < b as Python orders (ts, rid, item) tuples: entries whose ts differ (nearly every comparison)
+ * are ordered by ts as C integers; a tie, or anything but two such tuples of exact ints, is left to
+ * PyObject_RichCompareBool. The same answers as heapq's comparisons, so the same heap, without the
+ * two Python-level int comparisons and the bool object each tuple comparison costs. */
+static int entry_lt(PyObject *a, PyObject *b) {
+    if (PyTuple_CheckExact(a) && PyTuple_CheckExact(b) && PyTuple_GET_SIZE(a) == 3 && PyTuple_GET_SIZE(b) == 3) {
+        PyObject *x = PyTuple_GET_ITEM(a, 0), *y = PyTuple_GET_ITEM(b, 0);
+        if (PyLong_CheckExact(x) && PyLong_CheckExact(y)) {
+            int ox, oy;
+            long long tx = PyLong_AsLongLongAndOverflow(x, &ox), ty = PyLong_AsLongLongAndOverflow(y, &oy);
+            if (!ox && !oy && tx != ty) return tx < ty;
+        }
+    }
+    return PyObject_RichCompareBool(a, b, Py_LT);
+}
+
 static int sift_down(PyObject *heap, Py_ssize_t start, Py_ssize_t pos) {
     PyObject **a = ((PyListObject *)heap)->ob_item;
     PyObject *item = a[pos];
     while (pos > start) {
         Py_ssize_t parent = (pos - 1) >> 1;
-        int lt = PyObject_RichCompareBool(item, a[parent], Py_LT);
+        int lt = entry_lt(item, a[parent]);
         if (lt < 0) return -1;
         if (!lt) break;
         a[pos] = a[parent];
@@ -63,7 +79,7 @@ static int sift_up(PyObject *heap, Py_ssize_t pos) {
     while (child < end) {
         Py_ssize_t right = child + 1;
         if (right < end) {
-            int lt = PyObject_RichCompareBool(a[child], a[right], Py_LT);
+            int lt = entry_lt(a[child], a[right]);
             if (lt < 0) return -1;
             if (!lt) child = right;
         }

@@ -199,3 +199,35 @@ def test_c_stage_refuses_what_the_store_cannot_hold():
             impl.stage({("r", -1)}, {("r", -1): 5}, set(), b"p", b"C", {}, set())
     with pytest.raises(TypeError, match="list of 10 fields"):
         C.stage({("r", 1)}, {("r", 1): [1]}, set(), b"p", b"I", {}, set())
+
+
+def test_c_heap_orders_ties_as_heapq_does():
+    """The C heap compares entries by their ts as C integers and leaves ties to Python's tuple
+    comparison (request id, then item): the heap and the labeling order are heapq's on impressions
+    that share a ts and arrive in any order."""
+    import random
+
+    rng = random.Random(5)
+    n = 400
+    ts = [rng.choice([1_000, 1_000, 2_000, 3_000, rng.randrange(10**6)]) for _ in range(n)]
+    rids = [rng.choice(["a", "b", "c", "z"]) + str(rng.randrange(50)) for _ in range(n)]
+    items = list(range(n))
+    from pipeline.events import DecodedBatch
+
+    nb = n
+    db = DecodedBatch(kind=np.ones(nb, np.uint8), user=np.arange(nb, dtype=np.int64) % 5, item=np.array(items, np.int64),
+                      category=np.full(nb, 3, np.int64), action=np.zeros(nb, np.uint8), ts=np.array(ts, np.int64),
+                      request_id=rids, user_id=[f"u{i % 5}" for i in items], item_id=items, category_id=["c"] * nb,
+                      partition=np.zeros(nb, np.int64), offset=np.arange(nb, dtype=np.int64))
+    runs = []
+    for impl in (joins.REFERENCE, C):
+        st_ = _PartitionState()
+        out: list[tuple[bytes, bytes]] = []
+        rows = np.arange(nb, dtype=np.int64)
+        z = np.zeros(nb, np.int64)
+        impl.join(st_, db, rows, z, z, 0, 10, 0, out)
+        heap_after_join = list(st_.heap)
+        impl.emit_ready(st_, 10**6 + 100, 10, False, out)  # labels every one, smallest first
+        runs.append((heap_after_join, out))
+    assert runs[0] == runs[1]
+    assert len(runs[0][1]) == len(set(zip(rids, items, strict=True))) and len(set(ts)) < n // 2
