@@ -264,7 +264,8 @@ def bg_worker(store, parts=(0,), **kw) -> StreamWorker:
 
 def wait_landed(w: StreamWorker) -> None:
     """Until the commit in flight has ended (its outcome is taken up by the worker's next call)."""
-    w._inflight.join()  # noqa: SLF001 - the test needs the commit over, not settled
+    if w._inflight is not None:  # noqa: SLF001 - the test needs the commit over, not settled
+        w._inflight.join()  # noqa: SLF001
 
 
 def test_a_background_commit_overlaps_the_next_batches_and_commits_land_in_order():
@@ -345,7 +346,8 @@ def test_a_crash_with_a_background_commit_in_flight_replays_to_the_uninterrupted
     a = bg_worker(store, parts=(0, 1), commit_max_events=commit_every, allowed_lateness_ms=5000)
     for i in range(0, crash_at, batch):
         if not landed and i + batch >= crash_at:
-            store.gate.clear()  # the last batches' commit does not reach the store before the crash
+            wait_landed(a)  # the earlier commits reach the store (else the next commit would wait on them)
+            store.gate.clear()  # the last batch's commit does not reach the store before the crash
         a.process(raw[i:min(i + batch, crash_at)])
     store.crashed = True  # the process dies: a commit not yet in the store never gets there
     store.gate.set()
