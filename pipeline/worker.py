@@ -160,9 +160,6 @@ class StreamWorker:
         self._lengths: dict[int, int] = {}
         self._group = settings.group_id
         self._stored_offsets: dict[TopicPartitionT, int] = {}
-        #: the stored offsets plus those of the commit in flight: what the next checkpoint is fenced on,
-        #: and below which a record was applied already
-        self._fence_offsets: dict[TopicPartitionT, int] = {}
         self._background = background_commits
         self._inflight: PendingCommit | None = None
         self._prefixes: dict[TopicPartitionT, bytes] = {}
@@ -194,7 +191,6 @@ class StreamWorker:
         """Load state for newly owned partitions; return the offsets to seek to (stored, else 0)."""
         self.commit()  # work done under the old assignment (none after a revoke: eager rebalances revoke first)
         self._stored_offsets = self.store.offsets(self._group)
-        self._fence_offsets = dict(self._stored_offsets)
         self._lengths.clear()  # another worker may have appended while we did not own these users
         seeks: dict[TopicPartitionT, int] = {}
         for tp in tps:
@@ -254,8 +250,6 @@ class StreamWorker:
         except BaseException:
             self._discard()  # a failed flush: nothing of the checkpoint is stored; it propagates
             raise
-        if self._inflight is not None:
-            self._fence_offsets.update(self._inflight.delta.offsets)
         if background:
             return True
         if not self._settle():
@@ -291,6 +285,12 @@ class StreamWorker:
             self.on_committed(dict(delta.offsets))
         return True
 
+    def _fence_offsets(self) -> dict[TopicPartitionT, int]:
+        """The stored offsets plus those of the commit in flight: what the next checkpoint is fenced on,
+        and below which a record was applied already."""
+        pending = self._inflight
+        return self._stored_offsets if pending is None else {**self._stored_offsets, **pending.delta.offsets}
+
     def abandon(self) -> None:
         """Wait for a commit still in flight without taking up its outcome: the process is leaving on
         an error, and the store must not be closed under the commit."""
@@ -321,7 +321,6 @@ class StreamWorker:
         self._parts.clear()
         self._lengths.clear()
         self.checkpoint.discard()  # batches processed while a failed commit was in flight
-        self._fence_offsets = dict(self._stored_offsets)
 
     # ---- the batch ----------------------------------------------------------------------------------
     def process(self, records: RecordBatch | list[RawRecord]) -> int:
@@ -347,7 +346,8 @@ class StreamWorker:
         first = dict(zip(keys, offs[i_first].tolist(), strict=True))
         last = dict(zip(keys, offs[i_last].tolist(), strict=True))
         # applied = stored, or further in the open checkpoint: a record below it is never applied again
-        applied = {**self._fence_offsets, **cp.delta.offsets}
+        fence = self._fence_offsets()
+        applied = {**fence, **cp.delta.offsets}
         low = {tp: applied[tp] for tp, off in first.items()
                if tp in self._parts and tp in applied and off < applied[tp]}
         if low:
@@ -362,7 +362,7 @@ class StreamWorker:
         delta = cp.delta
         emitted = self._apply(decoded, topic, {tp[1] for tp in owned})
         for tp in owned:
-            cp.advance(tp, last[tp] + 1, self._fence_offsets.get(tp))
+            cp.advance(tp, last[tp] + 1, fence.get(tp))
             delta.meta[self._wm_key(tp)] = _WM.pack(self._parts[tp].watermark)
         for d in dead:
             self.producer.send(self.s.dlq_topic, d.record.key, d.to_json())
