@@ -90,22 +90,26 @@ def test_c_loop_labels_a_known_stream():
     assert w.stats.duplicate_impressions == 1 and w.stats.samples == 2 and w.stats.positives == 1
 
 
+def _decoded(kind: list[int], items: list[int], ts: list[int], rids: list[str]):
+    """A decoded batch of one partition: users are the items mod 7, one category."""
+    from pipeline.events import DecodedBatch
+
+    n = len(items)
+    return DecodedBatch(kind=np.array(kind, np.uint8), user=np.array(items, np.int64) % 7, item=np.array(items, np.int64),
+                        category=np.full(n, 3, np.int64), action=np.zeros(n, np.uint8), ts=np.array(ts, np.int64),
+                        request_id=rids, user_id=[f"u{i % 7}" for i in items], item_id=list(items),
+                        category_id=["c"] * n, partition=np.zeros(n, np.int64), offset=np.arange(n, dtype=np.int64))
+
+
 def _batch(n_imp: int):
     """A decoded batch: clicks on the even items (before their impressions: orphans, then claimed),
     n_imp impressions, out-of-window clicks on the odd items, and one click no impression claims."""
-    from pipeline.events import DecodedBatch
-
     even, odd = list(range(0, n_imp, 2)), list(range(1, n_imp, 2))
     items = [*even, *range(n_imp), *odd, n_imp]
     kind = [2] * len(even) + [1] * n_imp + [2] * (len(odd) + 1)
     base = 1_000_000
     ts = [base + 500 + i for i in even] + [base + i for i in range(n_imp)] + [base + 10**9] * len(odd) + [base]
-    n = len(items)
-    return DecodedBatch(kind=np.array(kind, np.uint8), user=np.array(items, np.int64) % 7, item=np.array(items, np.int64),
-                        category=np.full(n, 3, np.int64), action=np.zeros(n, np.uint8), ts=np.array(ts, np.int64),
-                        request_id=[f"r{i}" for i in items], user_id=[f"u{i % 7}" for i in items],
-                        item_id=list(items), category_id=["c"] * n, partition=np.zeros(n, np.int64),
-                        offset=np.arange(n, dtype=np.int64))
+    return _decoded(kind, items, ts, [f"r{i}" for i in items])
 
 
 def _cycle(impl, batch):
@@ -212,19 +216,13 @@ def test_c_heap_orders_ties_as_heapq_does():
     ts = [rng.choice([1_000, 1_000, 2_000, 3_000, rng.randrange(10**6)]) for _ in range(n)]
     rids = [rng.choice(["a", "b", "c", "z"]) + str(rng.randrange(50)) for _ in range(n)]
     items = list(range(n))
-    from pipeline.events import DecodedBatch
-
-    nb = n
-    db = DecodedBatch(kind=np.ones(nb, np.uint8), user=np.arange(nb, dtype=np.int64) % 5, item=np.array(items, np.int64),
-                      category=np.full(nb, 3, np.int64), action=np.zeros(nb, np.uint8), ts=np.array(ts, np.int64),
-                      request_id=rids, user_id=[f"u{i % 5}" for i in items], item_id=items, category_id=["c"] * nb,
-                      partition=np.zeros(nb, np.int64), offset=np.arange(nb, dtype=np.int64))
+    db = _decoded([1] * n, items, ts, rids)  # impressions only
     runs = []
     for impl in (joins.REFERENCE, C):
         st_ = _PartitionState()
         out: list[tuple[bytes, bytes]] = []
-        rows = np.arange(nb, dtype=np.int64)
-        z = np.zeros(nb, np.int64)
+        rows = np.arange(n, dtype=np.int64)
+        z = np.zeros(n, np.int64)
         impl.join(st_, db, rows, z, z, 0, 10, 0, out)
         heap_after_join = list(st_.heap)
         impl.emit_ready(st_, 10**6 + 100, 10, False, out)  # labels every one, smallest first
