@@ -35,6 +35,8 @@ SHAPES = [  # (B, U, L, da, dr, K, with_pos)
     (5, 3, 40, 7, 12, 16, True),  # K_PAD = BLOCK_L = 16: a whole tile can enter the running set
     (3, 3, 21, 6, 6, 21, True),  # K == L (jagged rows: empty slots get index -1)
     (2, 2, 70, 4, 5, 3, True),  # many tiles, most skipped by the running-threshold test
+    (40, 2, 75, 9, 7, 6, True),  # ~20 shuffled candidates per user: several blocks per user, 3 L slices
+    (6, 9, 50, 5, 5, 4, False),  # more users than candidates: users without candidates, empty blocks
 ]
 
 
@@ -128,3 +130,23 @@ def test_dare_search_property(b, u, length, da, dr, k_frac, with_pos, seed) -> N
 def test_dare_search_gpu(dtype, b, u, length) -> None:
     gen = torch.Generator().manual_seed(11)
     _check(*_inputs(b, u, length, 64, 128, True, gen, dtype), 20, dtype)  # DARE's K = 20
+
+
+def test_config_env_override(monkeypatch) -> None:
+    """``CTRSTREAM_DARE_CONFIG`` sets the launch choices on a GPU; typos fail; the interpreter ignores it."""
+    pytest.importorskip("triton")
+    from triton_kernels._triton import dare_search as mod
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    base = mod._config(100_000, 64, 64, 20, 1024, 1, cpu)
+    assert (base.get("BLOCK_B"), base.block_size, base.get("TF32X3")) == (64, 128, 1)
+    assert mod._config(10_000, 64, 64, 20, 256, 256, cpu).block_size == 256  # one candidate per user
+    monkeypatch.setenv(mod.CONFIG_ENV, "BLOCK_B=32, TF32X3=0,SPLIT_LEN=4096")
+    got = mod._config(100_000, 64, 64, 20, 1024, 1, cpu)
+    assert (got.get("BLOCK_B"), got.get("TF32X3"), got.get("SPLIT_LEN"), got.grid) == (32, 0, 4096, (32, 25))
+    monkeypatch.setenv(mod.CONFIG_ENV, "BLOCK_BB=32")
+    with pytest.raises(ValueError, match=mod.CONFIG_ENV):
+        mod._config(100_000, 64, 64, 20, 1024, 1, cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert mod._config(100, 64, 64, 20, 8, 1, cpu).block_size == mod.INTERPRET_BLOCK_L

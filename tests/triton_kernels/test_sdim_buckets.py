@@ -31,6 +31,9 @@ SHAPES = [  # (U, L, d, G, hash_bits, B)
     (2, 40, 33, 16, 3, 13),  # paper's G=16/τ=3, d just above 32, prime B, several L tiles
     (5, 9, 20, 2, 5, 5),  # 32 codes per group (BLOCK_C > 16)
     (13, 6, 8, 3, 2, 13),  # prime U, training layout (U == B)
+    (1, 300, 16, 16, 3, 70),  # serving: L split into chunks (partial tables + reduce), B split too
+    (1, 50, 12, 5, 5, 37),  # serving, non-power-of-two G, 32 codes (BLOCK_G padding)
+    (2, 40, 8, 3, 8, 5),  # τ = 8: 256 codes, several code blocks per group; gather atomic path
 ]
 
 
@@ -79,6 +82,20 @@ def test_sdim_buckets_serving_layout(gen) -> None:
     """U = 1 user, many candidates sharing buckets (atomic scatter in the gather backward)."""
     emb, codes, mask, cand, _ = _inputs(1, 35, 12, 4, 2, 11, gen)  # L = 35 spans 3 tiles; 11 candidates
     _check(emb, codes, mask, cand, torch.zeros(11, dtype=torch.int64, device=DEVICE), 2, torch.float32)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("fill", [False, True])
+def test_sdim_buckets_serving_empty_and_full_mask(fill: bool, gen) -> None:
+    """U = 1, L over several chunks: an all-padding history (zero table) and a full one."""
+    emb, codes, _, cand, _ = _inputs(1, 133, 16, 6, 3, 40, gen)
+    mask = torch.full((1, 133), fill, dtype=torch.bool, device=DEVICE)
+    codes = torch.randint(0, 8, codes.shape, generator=gen).to(DEVICE)
+    users = torch.zeros(40, dtype=torch.int64, device=DEVICE)
+    _check(emb, codes, mask, cand, users, 3, torch.float32)
+    if not fill:
+        sums, counts = sdim_bucket_sums(emb, codes, mask, hash_bits=3, backend=Backend.TRITON)
+        assert torch.all(sums == 0) and torch.all(counts == 0)
 
 
 def test_reference_padding_never_leaks(gen) -> None:

@@ -19,6 +19,10 @@ SHAPES = [
     (13, 33, 33, 16, 3),  # prime batch, L just above BLOCK_R=32, d just above 32, paper's G=16/τ=3
     (2, 5, 130, 2, 4),  # d above two BLOCK_D=64 chunks
     (1, 19, 24, 3, 7),  # 21 projection columns: BLOCK_M padding inside groups
+    (1, 131, 64, 16, 3),  # serving: L just above the GPU's BLOCK_R=128, d a multiple of BLOCK_D (EVEN_D)
+    (2, 9, 20, 5, 6),  # G and τ both non-powers of two: (G_PAD, T_PAD) = (8, 8) padding
+    (1, 7, 16, 1, 30),  # τ = 30, the maximum: bit 29 is the top bit of the int32 packing
+    (2, 3, 17, 17, 1),  # G = 17 single-bit groups: G_PAD = 32
 ]
 
 
@@ -104,3 +108,20 @@ def test_sdim_hash_gpu_large(dtype: torch.dtype) -> None:
     got = sdim_hash(x, proj, num_hashes=16, hash_bits=3, backend=Backend.TRITON)
     assert_triton_ran("sdim_hash")
     assert torch.equal(got, sdim_hash_ref(x, proj, num_hashes=16, hash_bits=3))
+
+
+def test_sdim_hash_config_env_override(monkeypatch) -> None:
+    """CTRSTREAM_SDIM_*_CONFIG overrides tunables on a GPU (not under the interpreter); typos raise."""
+    pytest.importorskip("triton")
+    from triton_kernels._triton import sdim_hash as mod
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    base = mod.sdim_hash_config(1000, 64, 16, 3)
+    monkeypatch.setenv(mod.ENV_CONFIG, "BLOCK_R=64, num_warps=4")
+    got = mod.sdim_hash_config(1000, 64, 16, 3)
+    assert (got["BLOCK_R"], got["num_warps"]) == (64, 4)
+    assert {k: v for k, v in got.items() if k not in ("BLOCK_R", "num_warps")} == {
+        k: v for k, v in base.items() if k not in ("BLOCK_R", "num_warps")}
+    monkeypatch.setenv(mod.ENV_CONFIG, "BLOCK_ROWS=64")
+    with pytest.raises(ValueError, match="BLOCK_ROWS"):
+        mod.sdim_hash_config(1000, 64, 16, 3)

@@ -91,6 +91,74 @@ def test_target_attention_activations(activation, gen) -> None:
     _check(_inputs(5, 3, 19, 6, 10, gen), activation, activation == "relu", torch.float32)  # prime B, odd d
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize("softmax", [False, True])
+def test_target_attention_grouped_users(softmax, gen) -> None:
+    """Several users with 0, 1, 2 and > 2 candidates, rows shuffled, jagged lengths: every d-keys path.
+
+    Under the interpreter ``BLOCK_B = 2``: a user with one candidate is written by the row kernel,
+    one with two by a single d-keys group (plain store), one with more by several groups
+    (``atomic_add``); a user without candidates keeps d keys = 0.
+    """
+    from triton_kernels._triton.target_attention import INTERPRET_BLOCK_B
+
+    assert INTERPRET_BLOCK_B == 2
+    per_user = torch.tensor([3, 1, 0, 2, 5, 1, 4])  # candidates of each of the 7 users
+    u = per_user.numel()
+    rows = torch.repeat_interleave(torch.arange(u), per_user)
+    rows = rows[torch.randperm(rows.numel(), generator=gen)]
+    t = _inputs(rows.numel(), u, 37, 6, 10, gen)
+    t["user_index"] = rows.to(DEVICE)
+    _check(t, "dice" if softmax else "prelu", softmax, torch.float32)
+    got = _run(Backend.TRITON, t, "sigmoid", softmax)[1]["keys"]
+    assert torch.all(got[2] == 0)  # the user without candidates
+
+
+def test_user_groups_table() -> None:
+    """The device-side grouping covers every candidate of every multi-candidate user exactly once."""
+    pytest.importorskip("triton")
+    from triton_kernels._triton.target_attention import _user_groups
+
+    users = torch.tensor([4, 0, 4, 2, 4, 0, 5, 4, 4, 1, 0])
+    for block_b in (1, 2, 3, 8):
+        counts, order, groups = _user_groups(users, 6, block_b)
+        assert counts.tolist() == [3, 1, 1, 0, 5, 1]
+        assert torch.equal(users[order], users.sort(stable=True).values)
+        seen = []
+        for user, first, n, atomic in groups.tolist():
+            if n == 0:
+                continue
+            assert 1 <= n <= block_b and atomic == int(counts[user] > block_b)
+            seen += [(user, int(order[i])) for i in range(first, first + n)]
+            assert all(users[order[i]] == user for i in range(first, first + n))
+        expected = [(int(users[i]), i) for i in range(users.numel()) if counts[users[i]] > 1]
+        assert sorted(seen) == sorted(expected)
+
+
+def test_config_env_override(monkeypatch) -> None:
+    """``CTRSTREAM_TA_CONFIG`` overrides the launch choices on a GPU; bad values fail at the call."""
+    pytest.importorskip("triton")
+    from triton_kernels._triton import target_attention as ta
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv(ta.CONFIG_ENV, " BLOCK_L=64, num_warps=16 ,BLOCK_B=3,")
+    cfg = ta._config(4, 64, 36)
+    assert (cfg.block_size, cfg.num_warps, cfg.get("BLOCK_B")) == (64, 16, 3)
+    monkeypatch.setenv(ta.CONFIG_ENV, "BLOCK_L_BWD=32,num_warps_bwd=8")
+    cfg = ta._config(4, 64, 36)
+    assert (cfg.get("BLOCK_L_BWD"), cfg.get("NUM_WARPS_BWD")) == (32, 8)
+    for bad in ("BLOCK_L=48", "BLOCK_L=8", "num_warps=3", "BLOCK_B=0", "BLOCK_Q=4", "BLOCK_L", "BLOCK_L=x"):
+        monkeypatch.setenv(ta.CONFIG_ENV, bad)
+        with pytest.raises(ValueError, match=ta.CONFIG_ENV):
+            ta._config(4, 64, 36)
+    monkeypatch.setenv(ta.CONFIG_ENV, "")
+    cfg = ta._config(4, 64, 36)
+    assert (cfg.block_size, cfg.num_warps, cfg.get("BLOCK_B"), cfg.get("BLOCK_L_BWD")) == (32, 8, 8, 16)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv(ta.CONFIG_ENV, "BLOCK_L=64")
+    assert ta._config(4, 8, 8).block_size == ta.INTERPRET_BLOCK_L  # ignored under the interpreter
+
+
 def test_reference_matches_concat_definition(gen) -> None:
     """The decomposed first layer equals the literal ``act([q, k, q−k, q⊙k] @ w1 + b1)`` of DIN."""
     t = _inputs(4, 4, 6, 5, 7, gen)

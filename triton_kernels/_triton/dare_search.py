@@ -25,7 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels._triton.launch import LaunchConfig, assert_contiguous, interpreting, pow2_at_least
+from triton_kernels._triton.launch import (
+    LaunchConfig,
+    assert_contiguous,
+    config_overrides,
+    interpreting,
+    pow2_at_least,
+)
 from triton_kernels._triton.math import pack_score_index, unpack_index, unpack_score
 from triton_kernels.reference.dare_search import _check_shapes
 
@@ -37,71 +43,120 @@ SENTINEL: tl.constexpr = tl.constexpr(-(2**63))  # below every packed key (int64
 
 @triton.heuristics({"HAS_POS": lambda args: args["pos_ptr"] is not None})
 @triton.jit
-def _dare_search_fwd_kernel(
+def _dare_search_partial_kernel(
     q_ptr, stride_qb, stride_qd,
     k_ptr, stride_ku, stride_kl, stride_kd,
-    v_ptr, stride_vu, stride_vl, stride_vd,
     mask_ptr, stride_mu, stride_ml,
-    user_ptr,
+    order_ptr, block_ptr,
     pos_ptr,
+    part_ptr, stride_pb, stride_ps, stride_pk,
+    num_rows, length, dim_a, split_len,
+    SINGLE_USER: tl.constexpr, HAS_POS: tl.constexpr, K_PAD: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_DA: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Running top ``K_PAD`` of up to ``BLOCK_B`` candidates of one user over one slice of L.
+
+    Pointers:
+        q_ptr:     (B, dim_a) float queries (attention embeddings of the candidates).
+        k_ptr:     (U, L, dim_a) float keys (behavior attention embeddings).
+        mask_ptr:  (U, L) uint8, 1 = real behavior.
+        order_ptr: (B,) int64 candidate rows grouped by user (unused when SINGLE_USER).
+        block_ptr: (num_blocks, 3) int64 (user, first, end) into ``order`` per program row of the
+                   grid (unused when SINGLE_USER: block j is rows [j·BLOCK_B, (j+1)·BLOCK_B) of user 0).
+        pos_ptr:   (L,) float position logits, or None (HAS_POS=False).
+        part_ptr:  (B, num_splits, K_PAD) int64 output: the slice's best packed (logit, position)
+                   keys per candidate row, unordered; placeholders below every real key fill the rest.
+    """
+    blk = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    if SINGLE_USER:
+        u = blk * 0
+        first = blk * BLOCK_B
+        end = tl.minimum(first + BLOCK_B, num_rows)
+    else:
+        u = tl.load(block_ptr + blk * 3)
+        first = tl.load(block_ptr + blk * 3 + 1)
+        end = tl.load(block_ptr + blk * 3 + 2)
+    r = first + tl.arange(0, BLOCK_B).to(tl.int64)
+    row_ok = r < end
+    if SINGLE_USER:
+        rows = r
+    else:
+        rows = tl.load(order_ptr + r, mask=row_ok, other=0)
+    da = tl.arange(0, BLOCK_DA)
+    q = tl.load(q_ptr + rows[:, None] * stride_qb + da[None, :] * stride_qd,
+                mask=row_ok[:, None] & (da < dim_a)[None, :], other=0.0).to(tl.float32)
+    slot = tl.arange(0, K_PAD)
+    # K_PAD distinct placeholder keys per row (positions beyond any real one), below every real key.
+    run = pack_score_index(tl.full((BLOCK_B, K_PAD), float("-inf"), tl.float32),
+                           2147483647 - tl.broadcast_to(slot[None, :], (BLOCK_B, K_PAD)).to(tl.int64))
+    run_min = tl.min(run, axis=1)
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, length)
+    hi = tl.where(end > first, hi, lo)  # a grid row past the last block streams nothing
+    for l0 in range(lo, hi, BLOCK_L):
+        ls = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
+        l_ok = ls < hi
+        real = (tl.load(mask_ptr + u * stride_mu + ls * stride_ml, mask=l_ok, other=0) != 0) & l_ok
+        kt = tl.load(k_ptr + u * stride_ku + ls[:, None] * stride_kl + da[None, :] * stride_kd,
+                     mask=real[:, None] & (da < dim_a)[None, :], other=0.0).to(tl.float32)
+        logit = tl.dot(q, tl.trans(kt), input_precision=PRECISION)  # (BLOCK_B, BLOCK_L) fp32
+        if HAS_POS:
+            logit += tl.load(pos_ptr + ls, mask=real, other=0.0).to(tl.float32)[None, :]
+        logit = tl.where(real[None, :], logit, float("-inf"))
+        keys = tl.where(row_ok[:, None] & l_ok[None, :], pack_score_index(logit, ls[None, :]), SENTINEL)
+        best = tl.max(keys, axis=1)
+        # Replace-the-minimum merge, all rows at once: each pass moves every row's best remaining
+        # tile key into its running set if it beats the row's K-th best; the loop ends when no
+        # row's does, so after the first tiles most tiles cost one comparison per row. Keys are
+        # unique within a row (positions differ).
+        while tl.max((best > run_min).to(tl.int32), axis=0) > 0:
+            enter = best > run_min
+            run = tl.where(enter[:, None] & (run == run_min[:, None]), best[:, None], run)
+            keys = tl.where(enter[:, None] & (keys == best[:, None]), SENTINEL, keys)
+            best = tl.max(keys, axis=1)
+            run_min = tl.min(run, axis=1)
+    tl.store(part_ptr + rows[:, None] * stride_pb + split * stride_ps + slot[None, :] * stride_pk, run,
+             mask=row_ok[:, None])
+
+
+@triton.jit
+def _dare_search_finish_kernel(
+    part_ptr, stride_pb, stride_ps, stride_pk,
+    v_ptr, stride_vu, stride_vl, stride_vd,
+    user_ptr,
     out_ptr, stride_ob, stride_od,
     idx_ptr, stride_ib, stride_ik,
     w_ptr, stride_wb, stride_wk,
-    length, dim_a, dim_r, top_k,
-    HAS_POS: tl.constexpr, K_PAD: tl.constexpr, BLOCK_L: tl.constexpr,
-    BLOCK_DA: tl.constexpr, BLOCK_DR: tl.constexpr,
+    num_splits, dim_r, top_k,
+    K_PAD: tl.constexpr, S_PAD: tl.constexpr, BLOCK_DR: tl.constexpr,
 ):
-    """Top-K search and aggregation for one candidate row.
+    """Merge one candidate row's per-slice top sets, then softmax over the K and gather values.
 
     Pointers:
-        q_ptr:    (B, dim_a) float query (attention embedding of the candidate).
-        k_ptr:    (U, L, dim_a) float keys (behavior attention embeddings).
+        part_ptr: (B, num_splits, K_PAD) int64 packed keys from the partial kernel.
         v_ptr:    (U, L, dim_r) float values (behavior representation embeddings).
-        mask_ptr: (U, L) uint8, 1 = real behavior.
         user_ptr: (B,) int64 user row of each candidate.
-        pos_ptr:  (L,) float position logits, or None (HAS_POS=False).
         out_ptr:  (B, dim_r) float output.
         idx_ptr:  (B, top_k) int64 output indices (-1 for empty slots).
         w_ptr:    (B, top_k) fp32 output softmax weights (0 for empty slots).
     """
     b = tl.program_id(0).to(tl.int64)
     u = tl.load(user_ptr + b).to(tl.int64)
-    da = tl.arange(0, BLOCK_DA)
-    q = tl.load(q_ptr + b * stride_qb + da * stride_qd, mask=da < dim_a, other=0.0).to(tl.float32)
+    s = tl.arange(0, S_PAD)
     slot = tl.arange(0, K_PAD)
-    # K_PAD distinct placeholder keys (positions beyond any real one) below every real key.
-    run = pack_score_index(tl.full((K_PAD,), float("-inf"), tl.float32), 2147483647 - slot.to(tl.int64))
-    run_min = tl.min(run, axis=0)
-    for l0 in range(0, length, BLOCK_L):
-        ls = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
-        l_ok = ls < length
-        real = (tl.load(mask_ptr + u * stride_mu + ls * stride_ml, mask=l_ok, other=0) != 0) & l_ok
-        kt = tl.load(k_ptr + u * stride_ku + ls[:, None] * stride_kl + da[None, :] * stride_kd,
-                     mask=real[:, None] & (da < dim_a)[None, :], other=0.0).to(tl.float32)
-        logit = tl.sum(kt * q[None, :], axis=1)  # (BLOCK_L,)
-        if HAS_POS:
-            logit += tl.load(pos_ptr + ls, mask=real, other=0.0).to(tl.float32)
-        logit = tl.where(real, logit, float("-inf"))
-        keys = tl.where(l_ok, pack_score_index(logit, ls), SENTINEL)
-        best = tl.max(keys, axis=0)
-        # Replace-the-minimum merge: each pass moves the tile's best key into the running set;
-        # it stops as soon as nothing left in the tile beats the running K-th best, so after the
-        # first few tiles most tiles cost one comparison. Keys are unique (positions differ).
-        while best > run_min:
-            run = tl.where(run == run_min, best, run)
-            keys = tl.where(keys == best, SENTINEL, keys)
-            best = tl.max(keys, axis=0)
-            run_min = tl.min(run, axis=0)
-    # Order the K_PAD survivors descending by repeated max extraction.
-    ordered = run
+    cand = tl.load(part_ptr + b * stride_pb + s[:, None] * stride_ps + slot[None, :] * stride_pk,
+                   mask=(s < num_splits)[:, None], other=SENTINEL)
+    # The K_PAD best keys in descending order by repeated max extraction (keys of one row are
+    # unique except the placeholders, which only ever fill slots that end up invalid).
+    ordered = tl.full((K_PAD,), SENTINEL, tl.int64)
     for k in tl.static_range(K_PAD):
-        top = tl.max(run, axis=0)
+        top = tl.max(tl.max(cand, axis=1), axis=0)
         ordered = tl.where(slot == k, top, ordered)
-        run = tl.where(run == top, SENTINEL, run)
-    run = ordered
-    sel_logit = unpack_score(run)
-    sel_idx = unpack_index(run).to(tl.int64)
-    valid = (slot < top_k) & (sel_logit > float("-inf"))
+        cand = tl.where(cand == top, SENTINEL, cand)
+    sel_logit = unpack_score(ordered)
+    sel_idx = unpack_index(ordered).to(tl.int64)
+    valid = (slot < top_k) & (sel_logit > float("-inf")) & (ordered != SENTINEL)
     m = tl.max(tl.where(valid, sel_logit, float("-inf")), axis=0)
     m = tl.where(m > float("-inf"), m, 0.0)
     e = tl.where(valid, tl.exp(sel_logit - m), 0.0)
@@ -173,16 +228,72 @@ def _dare_search_bwd_kernel(
         tl.atomic_add(dpos_ptr + safe, dlogit, mask=valid)
 
 
-def _config(length: int, dim_a: int, dim_r: int, top_k: int, batch: int) -> LaunchConfig:
-    k_pad = pow2_at_least(top_k, 2)
+CONFIG_ENV = "CTRSTREAM_DARE_CONFIG"  # e.g. "BLOCK_B=16,BLOCK_L=128,num_warps=4,SPLIT_LEN=4096"
+_SM_COUNT: dict[int, int] = {}
+
+
+def _programs_wanted(device: torch.device) -> int:
+    """About four programs per multiprocessor keep every SM busy while one waits on memory."""
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return 4 * _SM_COUNT[index]
+
+
+def _config(length: int, dim_a: int, dim_r: int, top_k: int, batch: int, users: int,
+            device: torch.device) -> LaunchConfig:
+    """Tiles and the split of L: candidate blocks × L slices ≈ 4 programs per SM (flash-decoding)."""
     block_da = pow2_at_least(dim_a, 16)
+    single = users == 1
+    # Measured on an H100 (benchmarks/results/kernels-h100.jsonl, sweep in docs/kernels.md): 3xTF32
+    # logits run 2-2.6x faster than FMA fp32 ("ieee") dots; one user's candidates go 64 to a block
+    # (each key tile is read once per 64 candidates); one candidate per user (training) prefers
+    # long key tiles.
+    tun = config_overrides(CONFIG_ENV, {
+        "BLOCK_B": 64 if single and batch >= 64 else 16,
+        "BLOCK_L": min(128, 8192 // block_da) if single else min(256, 16384 // block_da),
+        "num_warps": 4, "SPLIT_LEN": 0, "TF32X3": 1})
+    block_b = tun["BLOCK_B"]
+    # Candidates of one user share a block; with several users the grid takes the bound of
+    # :func:`_user_blocks` (rows past the last real block do nothing).
+    num_blocks = triton.cdiv(batch, block_b) if single else batch // block_b + min(users, batch) + 1
     if interpreting():
-        block_l = INTERPRET_BLOCK_L
-    else:  # keep the (BLOCK_L, BLOCK_DA) key tile within ~8K fp32 registers per program
-        block_l = min(256, max(16, 8192 // block_da))
-    return LaunchConfig(block_size=block_l, num_warps=4, grid=(batch,),
-                        extra=(("K_PAD", k_pad), ("BLOCK_DA", block_da),
-                               ("BLOCK_DR", pow2_at_least(dim_r, 16))))
+        block_l, split_len = INTERPRET_BLOCK_L, 2 * INTERPRET_BLOCK_L  # tests cover the merge of slices
+    else:
+        block_l = tun["BLOCK_L"]
+        splits = max(1, min(64, triton.cdiv(_programs_wanted(device), num_blocks),
+                            triton.cdiv(length, 8 * block_l)))  # a slice is at least 8 tiles
+        split_len = tun["SPLIT_LEN"] or triton.cdiv(triton.cdiv(length, splits), block_l) * block_l
+    num_splits = max(1, triton.cdiv(length, split_len))
+    return LaunchConfig(block_size=block_l, num_warps=tun["num_warps"],
+                        grid=(num_blocks, num_splits),
+                        extra=(("K_PAD", pow2_at_least(top_k, 2)), ("TF32X3", tun["TF32X3"]),
+                               ("BLOCK_DA", block_da), ("BLOCK_DR", pow2_at_least(dim_r, 16)), ("BLOCK_B", block_b),
+                               ("SPLIT_LEN", split_len), ("S_PAD", pow2_at_least(num_splits, 2))))
+
+
+def _user_blocks(user_index: torch.Tensor, users: int, block_b: int, num_blocks: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate rows grouped by user, and (user, first, end) into that order per grid row.
+
+    Each user's candidates fill ``ceil(count / block_b)`` blocks, so a block never mixes users; the
+    grid is sized by the bound ``B // block_b + min(U, B) + 1`` and rows past the last block are
+    empty. Device-side ops only: no host synchronisation.
+    """
+    order = torch.argsort(user_index, stable=True)
+    counts = torch.zeros(users, dtype=torch.int64, device=user_index.device).scatter_add_(
+        0, user_index, torch.ones_like(user_index))
+    starts = torch.cumsum(counts, 0) - counts
+    per_user = (counts + block_b - 1) // block_b
+    block_end = torch.cumsum(per_user, 0)
+    j = torch.arange(num_blocks, device=user_index.device)
+    owner = torch.searchsorted(block_end, j, right=True).clamp_max(users - 1)
+    first = starts[owner] + (j - (block_end[owner] - per_user[owner])) * block_b
+    end = torch.minimum(first + block_b, starts[owner] + counts[owner])
+    end = torch.where(j < block_end[-1], end, first)
+    return order, torch.stack([owner, first, end], dim=1).contiguous()
 
 
 class _DareSearch(torch.autograd.Function):
@@ -196,18 +307,28 @@ class _DareSearch(torch.autograd.Function):
         assert_contiguous(query=q, keys=k, values=v, user_index=users, mask=mask_u8, pos_logits=pos)
         b, dim_a = q.shape
         _, length, dim_r = v.shape
-        cfg = _config(length, dim_a, dim_r, top_k, b)
+        cfg = _config(length, dim_a, dim_r, top_k, b, k.shape[0], q.device)
         out_dtype = torch.float32 if upcast else query.dtype
         out = torch.empty((b, dim_r), dtype=out_dtype, device=q.device)
         top_idx = torch.empty((b, top_k), dtype=torch.int64, device=q.device)
         w = torch.empty((b, top_k), dtype=torch.float32, device=q.device)
         if b > 0:
-            _dare_search_fwd_kernel[cfg.grid](
-                q, *q.stride(), k, *k.stride(), v, *v.stride(), mask_u8, *mask_u8.stride(), users, pos,
-                out, *out.stride(), top_idx, *top_idx.stride(), w, *w.stride(),
-                length, dim_a, dim_r, top_k,
-                K_PAD=cfg.get("K_PAD"), BLOCK_L=cfg.block_size, BLOCK_DA=cfg.get("BLOCK_DA"),
-                BLOCK_DR=cfg.get("BLOCK_DR"), num_warps=cfg.num_warps,
+            single = k.shape[0] == 1
+            order, blocks = (users, users) if single else _user_blocks(users, k.shape[0], cfg.get("BLOCK_B"),
+                                                                       cfg.grid[0])
+            part = torch.empty((b, cfg.grid[1], cfg.get("K_PAD")), dtype=torch.int64, device=q.device)
+            _dare_search_partial_kernel[cfg.grid](
+                q, *q.stride(), k, *k.stride(), mask_u8, *mask_u8.stride(), order, blocks, pos,
+                part, *part.stride(), b, length, dim_a, cfg.get("SPLIT_LEN"),
+                SINGLE_USER=single, K_PAD=cfg.get("K_PAD"), BLOCK_B=cfg.get("BLOCK_B"),
+                BLOCK_L=cfg.block_size, BLOCK_DA=cfg.get("BLOCK_DA"),
+                PRECISION="tf32x3" if cfg.get("TF32X3") and not interpreting() else "ieee",
+                num_warps=cfg.num_warps,
+            )
+            _dare_search_finish_kernel[(b,)](
+                part, *part.stride(), v, *v.stride(), users, out, *out.stride(), top_idx, *top_idx.stride(),
+                w, *w.stride(), cfg.grid[1], dim_r, top_k,
+                K_PAD=cfg.get("K_PAD"), S_PAD=cfg.get("S_PAD"), BLOCK_DR=cfg.get("BLOCK_DR"), num_warps=4,
             )
         ctx.save_for_backward(q, k, v, users, top_idx, w)
         ctx.cfg, ctx.top_k, ctx.has_pos = cfg, top_k, pos is not None
@@ -225,12 +346,12 @@ class _DareSearch(torch.autograd.Function):
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         dpos = torch.zeros((k.shape[1],), dtype=torch.float32, device=k.device) if ctx.has_pos else None
         if q.shape[0] > 0:
-            _dare_search_bwd_kernel[cfg.grid](
+            _dare_search_bwd_kernel[(q.shape[0],)](
                 q, *q.stride(), k, *k.stride(), v, *v.stride(), users, top_idx, *top_idx.stride(),
                 w, *w.stride(), dout, *dout.stride(), dq, *dq.stride(), dk, dv, dpos,
                 q.shape[1], v.shape[2], ctx.top_k,
                 K_PAD=cfg.get("K_PAD"), BLOCK_DA=cfg.get("BLOCK_DA"), BLOCK_DR=cfg.get("BLOCK_DR"),
-                num_warps=cfg.num_warps,
+                num_warps=4,
             )
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None,
                 None if dpos is None else dpos.to(ctx.pos_dtype), None, None)

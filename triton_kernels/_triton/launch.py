@@ -14,6 +14,7 @@ __all__ = [
     "assert_contiguous",
     "assert_shape",
     "calculate_settings",
+    "config_overrides",
     "interpreting",
     "pow2_at_least",
 ]
@@ -37,6 +38,30 @@ class LaunchConfig:
 def interpreting() -> bool:
     """True when Triton runs under its CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def config_overrides(env_var: str, defaults: dict[str, int]) -> dict[str, int]:
+    """``defaults`` updated from ``env_var`` (``"NAME=int,NAME=int"``), for sweeps on a GPU.
+
+    Every launcher reads its tunables through this, so ``benchmarks/kernels/sweep.py`` can time
+    configurations in one process without code edits. Unchanged under the interpreter or when the
+    variable is unset. A name not in ``defaults`` or a non-integer value raises ``ValueError``
+    naming the variable, so a typo never silently times the default.
+    """
+    spec = os.environ.get(env_var, "").strip()
+    if not spec or interpreting():
+        return defaults
+    out = dict(defaults)
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in out:
+            raise ValueError(f"{env_var}: bad entry {item!r}; known names: {sorted(out)}")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            raise ValueError(f"{env_var}: {key} must be an integer, got {value.strip()!r}") from None
+    return out
 
 
 def pow2_at_least(n: int, minimum: int = 1) -> int:

@@ -9,15 +9,35 @@ then the elementwise activation, ``·w2 + b2``, masking and the weighted sum —
 paper) or an online softmax (running max/sum, FlashAttention style; its log-sum-exp is saved).
 Neither the ``(B, L, 4d)`` concat nor the ``(B, L, H)`` hidden layer touch global memory.
 
-Backward, one program per row, recomputing the hidden tiles. With ``a_l`` the pooling weight and
-``dscore_l = dout·k_l`` (plain) or ``a_l(dout·k_l − dout·out)`` (softmax), it accumulates
-``dw2, db2, dalpha, dhq = Σ dh, dW_b = Σ kᵀdh`` in registers and writes them to a per-row
-partial buffer reduced by ``torch.sum`` afterwards (deterministic weight gradients, no atomics);
-``d keys[u, l] += a_l·dout + dh_l@W_bᵀ`` is scattered with ``atomic_add`` (candidates of one user
-share keys), so ``d keys`` is compared with tolerance. ``dice_mean``/``dice_var`` get no gradient
-(they are statistics, as in the reference).
+Backward, two kernels, both recomputing the hidden tiles. With ``a_l`` the pooling weight and
+``dscore_l = dout·k_l`` (plain) or ``a_l(dout·k_l − dout·out)`` (softmax):
 
-Register budget: a program holds ``BLOCK_D × BLOCK_H`` fp32 weights; d ≤ 128 and H ≤ 128 fit.
+* ``_target_attention_bwd_kernel``, one program per row, accumulates ``dw2, db2, dalpha,
+  dhq = Σ dh, dW_b = Σ kᵀdh`` in registers and writes them to a per-row partial buffer reduced by
+  ``torch.sum`` afterwards (deterministic weight gradients, no atomics). When the row's user has
+  exactly one candidate (the training layout, U == B) it also writes
+  ``d keys[u, l] = a_l·dout + dh_l@W_bᵀ`` with a plain store (nobody else touches that user's keys);
+  otherwise it stashes its ``W_b`` and ``hq`` for the second kernel.
+* ``_target_attention_dkeys_kernel`` handles the users with several candidates (the serving layout,
+  U = 1): candidates are sorted by user on the device (``argsort``/``bincount``/``searchsorted``, no
+  host sync) and cut into groups of at most ``BLOCK_B`` candidates of one user; one program per
+  (group, key tile) sums ``a_l·dout + dh_l@W_bᵀ`` over the group's candidates in registers and
+  writes the tile once: a plain store when the group is the user's only one, else one
+  ``atomic_add`` per tile and group (``ceil(count/BLOCK_B)`` writers per address instead of
+  ``count``). ``d keys`` is therefore compared with tolerance.
+
+``dice_mean``/``dice_var`` get no gradient (they are statistics, as in the reference).
+
+Tunables live in :func:`_config`: ``BLOCK_L``/``num_warps`` (forward), ``BLOCK_L_BWD``/
+``num_warps_bwd`` (both backward kernels) and ``BLOCK_B`` (candidates per d-keys group). The
+defaults keep every kernel free of register spills at d, H ≤ 64 on sm_90 (checked with ``ptxas``);
+``num_warps_bwd = 4`` was the fastest in an H100 sweep (training layout, see docs/kernels.md).
+For sweeps on a GPU, the environment variable ``CTRSTREAM_TA_CONFIG`` overrides any of them, e.g.
+``CTRSTREAM_TA_CONFIG="BLOCK_L=64,num_warps=16,BLOCK_L_BWD=16,num_warps_bwd=8,BLOCK_B=8"`` (comma
+separated ``name=int``; block sizes are powers of two ≥ 16, warps
+powers of two ≤ 32, ``BLOCK_B`` ≥ 1). It is read at every call and ignored under the interpreter,
+which uses ``INTERPRET_BLOCK_L`` and ``INTERPRET_BLOCK_B`` so the tests cross every tile and group
+boundary.
 """
 
 from __future__ import annotations
@@ -26,13 +46,21 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels._triton.launch import LaunchConfig, assert_contiguous, interpreting, pow2_at_least
+from triton_kernels._triton.launch import (
+    LaunchConfig,
+    assert_contiguous,
+    config_overrides,
+    interpreting,
+    pow2_at_least,
+)
 from triton_kernels._triton.math import activation_bwd, activation_fwd
 from triton_kernels.reference.target_attention import ACTIVATIONS, check_target_attention_shapes
 
-__all__ = ["INTERPRET_BLOCK_L", "target_attention_triton"]
+__all__ = ["CONFIG_ENV", "INTERPRET_BLOCK_B", "INTERPRET_BLOCK_L", "target_attention_triton"]
 
 INTERPRET_BLOCK_L = 16  # sequence tile under the interpreter (tests pick L just above it)
+INTERPRET_BLOCK_B = 2  # d-keys group size under the interpreter (tests give users 1, 2 and > 2 rows)
+CONFIG_ENV = "CTRSTREAM_TA_CONFIG"  # "BLOCK_L=64,num_warps=8,BLOCK_B=4": see the module docstring
 
 
 @triton.jit
@@ -131,7 +159,7 @@ def _target_attention_bwd_kernel(
     q_ptr, stride_qb, stride_qd,
     k_ptr, stride_ku, stride_kl, stride_kd,
     mask_ptr, stride_mu, stride_ml,
-    user_ptr,
+    user_ptr, count_ptr,
     w1_ptr, stride_w1r, stride_w1h,
     b1_ptr, w2_ptr, b2_ptr, alpha_ptr, mean_ptr, istd_ptr,
     out_ptr, stride_ob, stride_od,
@@ -140,6 +168,7 @@ def _target_attention_bwd_kernel(
     dq_ptr, stride_dqb, stride_dqd,
     dk_ptr,
     part_ptr, stride_pb, stride_pr, stride_ph,
+    unit_ptr, stride_ub, stride_ur, stride_uh,
     length, dim, hid,
     ACT: tl.constexpr, SOFTMAX: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -147,16 +176,21 @@ def _target_attention_bwd_kernel(
     """Backward for one candidate row (recomputes the hidden tiles).
 
     Pointers (in addition to the forward's, which keep their meaning):
+        count_ptr: (U,) int64 number of candidates of each user.
         out_ptr:  (B, dim) fp32 forward output (read only when SOFTMAX).
         lse_ptr:  (B,) fp32 forward log-sum-exp (read only when SOFTMAX).
         dout_ptr: (B, dim) float upstream gradient.
         dq_ptr:   (B, dim) fp32 output gradient of the query.
-        dk_ptr:   (U, L, dim) fp32 zero-filled, strides of k_ptr; atomic_add target.
+        dk_ptr:   (U, L, dim) fp32 zero-filled, strides of k_ptr; written here (plain store) only
+                  for a user with exactly one candidate, else by ``_target_attention_dkeys_kernel``.
         part_ptr: (B, 4·dim + 4, hid) fp32 per-row partial parameter gradients: rows [0, 4·dim) are
                   d w1, then d b1, d w2, d alpha, and d b2 (in column 0 of the last row).
+        unit_ptr: (B, dim + 1, hid) fp32 scratch: rows [0, dim) W_b, row dim hq; written only when
+                  the row's user has several candidates (read by the d-keys kernel).
     """
     b = tl.program_id(0).to(tl.int64)
     u = tl.load(user_ptr + b).to(tl.int64)
+    single = tl.load(count_ptr + u) == 1  # this program alone owns d keys[u]
     q, hq, w_b, wqd, wp, w2, alpha, mean, istd = _load_unit(
         q_ptr, stride_qb, stride_qd, w1_ptr, stride_w1r, stride_w1h, b1_ptr, w2_ptr, alpha_ptr,
         mean_ptr, istd_ptr, b, dim, hid, BLOCK_D, BLOCK_H)
@@ -165,6 +199,11 @@ def _target_attention_bwd_kernel(
     hs = tl.arange(0, BLOCK_H)
     d_ok = ds < dim
     h_ok = hs < hid
+    w_mask = d_ok[:, None] & h_ok[None, :]
+    if not single:
+        u_off = b * stride_ub + ds[:, None] * stride_ur + hs[None, :] * stride_uh
+        tl.store(unit_ptr + u_off, w_b, mask=w_mask)
+        tl.store(unit_ptr + b * stride_ub + dim * stride_ur + hs * stride_uh, hq, mask=h_ok)
     dout = tl.load(dout_ptr + b * stride_gb + ds * stride_gd, mask=d_ok, other=0.0).to(tl.float32)
     if SOFTMAX:
         out = tl.load(out_ptr + b * stride_ob + ds * stride_od, mask=d_ok, other=0.0).to(tl.float32)
@@ -200,13 +239,13 @@ def _target_attention_bwd_kernel(
         d_alpha += tl.sum(dact * dal, axis=0)
         d_hq += tl.sum(dh, axis=0)
         d_wb += tl.dot(tl.trans(k), dh, input_precision="ieee")
-        dk = att[:, None] * dout[None, :] + tl.dot(dh, tl.trans(w_b), input_precision="ieee")
-        tl.atomic_add(dk_ptr + k_off, dk, mask=k_mask)
+        if single:
+            dk = tl.dot(dh, tl.trans(w_b), att[:, None] * dout[None, :], input_precision="ieee")
+            tl.store(dk_ptr + k_off, dk, mask=k_mask)
     dq = tl.sum(wqd * d_hq[None, :], axis=1) + tl.sum(d_wb * wp, axis=1)
     tl.store(dq_ptr + b * stride_dqb + ds * stride_dqd, dq, mask=d_ok)
     q_dhq = q[:, None] * d_hq[None, :]
     p_off = b * stride_pb + ds[:, None] * stride_pr + hs[None, :] * stride_ph
-    w_mask = d_ok[:, None] & h_ok[None, :]
     tl.store(part_ptr + p_off, q_dhq, mask=w_mask)  # d Wq
     tl.store(part_ptr + dim * stride_pr + p_off, d_wb, mask=w_mask)  # d Wk
     tl.store(part_ptr + 2 * dim * stride_pr + p_off, q_dhq - d_wb, mask=w_mask)  # d Wd
@@ -218,11 +257,152 @@ def _target_attention_bwd_kernel(
     tl.store(part_ptr + row + 3 * stride_pr, tl.where(hs == 0, d_b2, 0.0), mask=h_ok)
 
 
+@triton.jit
+def _target_attention_dkeys_kernel(
+    k_ptr, stride_ku, stride_kl, stride_kd,
+    mask_ptr, stride_mu, stride_ml,
+    group_ptr, stride_gg, stride_gf,
+    order_ptr,
+    unit_ptr, stride_ub, stride_ur, stride_uh,
+    w2_ptr, b2_ptr, alpha_ptr, mean_ptr, istd_ptr,
+    out_ptr, stride_ob, stride_od,
+    lse_ptr,
+    dout_ptr, stride_gb, stride_gd,
+    dk_ptr,
+    length, dim, hid,
+    ACT: tl.constexpr, SOFTMAX: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """``d keys`` of one group of candidates sharing a user, for key tiles pid(1), pid(1) + npid(1), ….
+
+    Pointers (the forward's keep their meaning):
+        group_ptr: (G, 4) int64 rows [user, first slot in order, n candidates, atomic]; n = 0 for
+                   a padding group (the grid is an upper bound, the table is built without sync);
+                   atomic = 1 when the user has other groups (then the tile is ``atomic_add``-ed).
+        order_ptr: (B,) int64 candidate rows sorted by user.
+        unit_ptr:  (B, dim + 1, hid) fp32: W_b (rows [0, dim)) and hq (row dim) of each candidate,
+                   written by ``_target_attention_bwd_kernel``.
+        out_ptr, lse_ptr: forward output and log-sum-exp (read only when SOFTMAX).
+        dout_ptr:  (B, dim) float upstream gradient.
+        dk_ptr:    (U, L, dim) fp32 zero-filled, strides of k_ptr.
+    """
+    g = tl.program_id(0).to(tl.int64)
+    u = tl.load(group_ptr + g * stride_gg)
+    first = tl.load(group_ptr + g * stride_gg + stride_gf)
+    n = tl.load(group_ptr + g * stride_gg + 2 * stride_gf).to(tl.int32)
+    atomic = tl.load(group_ptr + g * stride_gg + 3 * stride_gf) != 0
+    ds = tl.arange(0, BLOCK_D)
+    hs = tl.arange(0, BLOCK_H)
+    d_ok = ds < dim
+    h_ok = hs < hid
+    w_mask = d_ok[:, None] & h_ok[None, :]
+    w2 = tl.load(w2_ptr + hs, mask=h_ok, other=0.0).to(tl.float32)
+    alpha = tl.load(alpha_ptr + hs, mask=h_ok, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + hs, mask=h_ok, other=0.0).to(tl.float32)
+    istd = tl.load(istd_ptr + hs, mask=h_ok, other=0.0).to(tl.float32)
+    b2 = tl.load(b2_ptr).to(tl.float32)
+    end = tl.where(n > 0, length, 0)  # a padding group does nothing (and must not store zeros)
+    for l0 in range(tl.program_id(1) * BLOCK_L, end, tl.num_programs(1) * BLOCK_L):
+        ls = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
+        l_ok = ls < length
+        real = (tl.load(mask_ptr + u * stride_mu + ls * stride_ml, mask=l_ok, other=0) != 0) & l_ok
+        k_off = u * stride_ku + ls[:, None] * stride_kl + ds[None, :] * stride_kd
+        k_mask = real[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + k_off, mask=k_mask, other=0.0).to(tl.float32)
+        dk = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+        for i in range(0, n):
+            b = tl.load(order_ptr + first + i)
+            u_row = unit_ptr + b * stride_ub
+            w_b = tl.load(u_row + ds[:, None] * stride_ur + hs[None, :] * stride_uh, mask=w_mask, other=0.0)
+            hq = tl.load(u_row + dim * stride_ur + hs * stride_uh, mask=h_ok, other=0.0)
+            dout = tl.load(dout_ptr + b * stride_gb + ds * stride_gd, mask=d_ok, other=0.0).to(tl.float32)
+            hidden = tl.dot(k, w_b, input_precision="ieee") + hq[None, :]
+            dk_dot = tl.sum(k * dout[None, :], axis=1)  # (BLOCK_L,) dout·k_l
+            if SOFTMAX:
+                out = tl.load(out_ptr + b * stride_ob + ds * stride_od, mask=d_ok, other=0.0)
+                act = activation_fwd(hidden, alpha[None, :], mean[None, :], istd[None, :], ACT)
+                score = tl.sum(act * w2[None, :], axis=1) + b2
+                att = tl.where(real, tl.exp(score - tl.load(lse_ptr + b)), 0.0)
+                dscore = att * (dk_dot - tl.sum(dout * out, axis=0))
+            else:
+                act = activation_fwd(hidden, alpha[None, :], mean[None, :], istd[None, :], ACT)
+                att = tl.where(real, tl.sum(act * w2[None, :], axis=1) + b2, 0.0)
+                dscore = tl.where(real, dk_dot, 0.0)
+            dsd, dal = activation_bwd(hidden, alpha[None, :], mean[None, :], istd[None, :], ACT)
+            dh = (dscore[:, None] * w2[None, :]) * dsd
+            dk = tl.dot(dh, tl.trans(w_b), dk + att[:, None] * dout[None, :], input_precision="ieee")
+        if atomic:
+            tl.atomic_add(dk_ptr + k_off, dk, mask=k_mask)
+        else:
+            tl.store(dk_ptr + k_off, dk, mask=k_mask)
+
+
+_TUNABLES = ("BLOCK_L", "num_warps", "BLOCK_L_BWD", "num_warps_bwd", "BLOCK_B")
+
+
+def _checked(tun: dict[str, int]) -> dict[str, int]:
+    """Reject tunables the kernels cannot take (``CTRSTREAM_TA_CONFIG`` typos fail loudly)."""
+    for key, v in tun.items():
+        pow2 = v > 0 and v & (v - 1) == 0
+        if key.startswith("BLOCK_L") and not (pow2 and v >= 16):
+            raise ValueError(f"{CONFIG_ENV}: {key} must be a power of two >= 16 (tl.dot), got {v}")
+        if key.startswith("num_warps") and not (pow2 and v <= 32):
+            raise ValueError(f"{CONFIG_ENV}: {key} must be a power of two <= 32, got {v}")
+        if key == "BLOCK_B" and v < 1:
+            raise ValueError(f"{CONFIG_ENV}: BLOCK_B must be >= 1, got {v}")
+    return tun
+
+
 def _config(batch: int, dim: int, hid: int) -> LaunchConfig:
+    """Every launch decision of the op, forward and backward (see the module docstring).
+
+    ``block_size``/``num_warps`` are the forward's ``BLOCK_L``/``num_warps``; ``extra`` holds
+    ``BLOCK_D``/``BLOCK_H`` (d and H padded to powers of two), ``BLOCK_L_BWD``/``NUM_WARPS_BWD``
+    (both backward kernels) and ``BLOCK_B`` (candidates per d-keys group, a host-side choice: no
+    recompilation). Defaults, from ptxas resource usage on sm_90 at d = 64, H = 36 → 64 (fp32, dice,
+    triton 3.6): forward 32 × 64 key tile, 8 warps: 117 registers, no spill (the former 128-row tile
+    with 4 warps spilled ~14 KB per thread; 64 rows/8 warps or 32 rows/4 warps spill a little; 64
+    rows/16 warps and 16 rows/4 warps do not). Row backward 16 rows, 8 warps: 208 registers, no
+    spill (32 rows spill). d-keys kernel 16 rows, 8 warps, ``num_stages=1``: 168 registers, no spill
+    (software pipelining of its per-candidate W_b loads spills). Wider units (d or H up to 128) get a
+    16-row forward tile. ``BLOCK_B = 8`` cuts the d-keys writers per key address eightfold while the
+    (group, key tile) grid stays large (serving, B = 1024: 128 groups × L/16 tiles).
+    """
     block_d, block_h = pow2_at_least(dim, 16), pow2_at_least(hid, 16)
-    block_l = INTERPRET_BLOCK_L if interpreting() else max(16, min(128, 16384 // max(block_d, block_h)))
-    return LaunchConfig(block_size=block_l, num_warps=4 if block_d * block_h <= 4096 else 8, grid=(batch,),
-                        extra=(("BLOCK_D", block_d), ("BLOCK_H", block_h)))
+    small = block_d * block_h <= 4096
+    tun = {"BLOCK_L": 32 if small else 16, "num_warps": 8, "BLOCK_L_BWD": 16, "num_warps_bwd": 4, "BLOCK_B": 8}
+    if interpreting():
+        tun.update(BLOCK_L=INTERPRET_BLOCK_L, BLOCK_L_BWD=INTERPRET_BLOCK_L, BLOCK_B=INTERPRET_BLOCK_B)
+    else:
+        tun = _checked(config_overrides(CONFIG_ENV, tun))
+    return LaunchConfig(block_size=tun["BLOCK_L"], num_warps=tun["num_warps"], grid=(batch,),
+                        extra=(("BLOCK_D", block_d), ("BLOCK_H", block_h), ("BLOCK_L_BWD", tun["BLOCK_L_BWD"]),
+                               ("NUM_WARPS_BWD", tun["num_warps_bwd"]), ("BLOCK_B", tun["BLOCK_B"])))
+
+
+def _user_groups(users: torch.Tensor, num_users: int, block_b: int) -> tuple[torch.Tensor, ...]:
+    """Device-side grouping of candidates by user for the d-keys kernel (torch ops, no host sync).
+
+    Returns ``counts (U,)`` candidates per user, ``order (B,)`` candidate rows sorted by user and
+    ``groups (G, 4)`` int64 rows [user, first slot in order, n, atomic] (the kernel's
+    ``group_ptr``). Only users with ≥ 2 candidates get groups (the row kernel writes the others);
+    each is cut into ``ceil(count/block_b)`` ≤ ``count // block_b + 1`` groups, and at most
+    ``B // 2`` users have ≥ 2 candidates, so G = ``min(B, B // block_b + min(U, B // 2))`` bounds
+    the number of groups without a host sync; rows past the real groups have n = 0.
+    """
+    b = users.numel()
+    counts = torch.bincount(users, minlength=num_users)
+    order = torch.argsort(users, stable=True)
+    first = torch.cumsum(counts, 0) - counts
+    n_groups = torch.where(counts > 1, (counts + block_b - 1) // block_b, 0)
+    ends = torch.cumsum(n_groups, 0)
+    g_max = max(1, min(b, b // block_b + min(num_users, b // 2)))
+    gid = torch.arange(g_max, device=users.device)
+    owner = torch.searchsorted(ends, gid, right=True).clamp_(max=num_users - 1)
+    index = gid - (ends[owner] - n_groups[owner])  # group number within its user
+    n = (counts[owner] - index * block_b).clamp(0, block_b) * (gid < ends[-1])
+    groups = torch.stack([owner, first[owner] + index * block_b, n, (counts[owner] > block_b).long()], 1)
+    return counts, order, groups.contiguous()
 
 
 class _TargetAttention(torch.autograd.Function):
@@ -274,14 +454,25 @@ class _TargetAttention(torch.autograd.Function):
         dq = torch.empty((b, dim), dtype=torch.float32, device=q.device)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         part = torch.zeros((b, 4 * dim + 4, hid), dtype=torch.float32, device=q.device)
+        unit = torch.empty((b, dim + 1, hid), dtype=torch.float32, device=q.device)
+        length = k.shape[1]
         if b > 0:
+            counts, order, groups = _user_groups(users, k.shape[0], cfg.get("BLOCK_B"))
+            block_l, warps = cfg.get("BLOCK_L_BWD"), cfg.get("NUM_WARPS_BWD")
+            meta = {"ACT": ctx.act_code, "SOFTMAX": ctx.softmax, "BLOCK_L": block_l, "BLOCK_D": cfg.get("BLOCK_D"),
+                    "BLOCK_H": cfg.get("BLOCK_H"), "num_warps": warps}
             _target_attention_bwd_kernel[cfg.grid](
-                q, *q.stride(), k, *k.stride(), mask_u8, *mask_u8.stride(), users, w1c, *w1c.stride(),
+                q, *q.stride(), k, *k.stride(), mask_u8, *mask_u8.stride(), users, counts, w1c, *w1c.stride(),
                 b1c, w2c, b2c, alpha_f, mean_f, istd, out, *out.stride(), lse, dout, *dout.stride(),
-                dq, *dq.stride(), dk, part, *part.stride(), k.shape[1], dim, hid,
-                ACT=ctx.act_code, SOFTMAX=ctx.softmax, BLOCK_L=cfg.block_size, BLOCK_D=cfg.get("BLOCK_D"),
-                BLOCK_H=cfg.get("BLOCK_H"), num_warps=cfg.num_warps,
+                dq, *dq.stride(), dk, part, *part.stride(), unit, *unit.stride(), length, dim, hid, **meta,
             )
+            tiles = triton.cdiv(length, block_l)
+            if tiles > 0:
+                _target_attention_dkeys_kernel[(groups.shape[0], min(tiles, 65535))](
+                    k, *k.stride(), mask_u8, *mask_u8.stride(), groups, *groups.stride(), order,
+                    unit, *unit.stride(), w2c, b2c, alpha_f, mean_f, istd, out, *out.stride(), lse,
+                    dout, *dout.stride(), dk, length, dim, hid, **meta, num_stages=1,  # no spill
+                )
         total = part.sum(0)  # (4d + 4, H)
         dq_t, dk_t, dw1_t, db1_t, dw2_t, db2_t, dal_t = ctx.dtypes
         d_alpha = total[4 * dim + 2].to(dal_t) if ctx.has_alpha else None
