@@ -29,6 +29,7 @@ from triton_kernels._triton.launch import (
     LaunchConfig,
     assert_contiguous,
     config_overrides,
+    count_per_user,
     interpreting,
     pow2_at_least,
 )
@@ -283,8 +284,7 @@ def _user_blocks(user_index: torch.Tensor, users: int, block_b: int, num_blocks:
     empty. Device-side ops only: no host synchronisation.
     """
     order = torch.argsort(user_index, stable=True)
-    counts = torch.zeros(users, dtype=torch.int64, device=user_index.device).scatter_add_(
-        0, user_index, torch.ones_like(user_index))
+    counts = count_per_user(user_index, users)
     starts = torch.cumsum(counts, 0) - counts
     per_user = (counts + block_b - 1) // block_b
     block_end = torch.cumsum(per_user, 0)

@@ -15,6 +15,7 @@ __all__ = [
     "assert_shape",
     "calculate_settings",
     "config_overrides",
+    "count_per_user",
     "interpreting",
     "pow2_at_least",
 ]
@@ -62,6 +63,16 @@ def config_overrides(env_var: str, defaults: dict[str, int]) -> dict[str, int]:
         except ValueError:
             raise ValueError(f"{env_var}: {key} must be an integer, got {value.strip()!r}") from None
     return out
+
+
+def count_per_user(user_index: torch.Tensor, num_users: int) -> torch.Tensor:
+    """(U,) int64 candidates per user, on the device without a host sync.
+
+    ``torch.bincount`` would do, but on CUDA it reads the input's maximum back to the host first;
+    the candidate grouping of dare_search and target_attention runs on every call.
+    """
+    ones = torch.ones_like(user_index)
+    return torch.zeros(num_users, dtype=ones.dtype, device=ones.device).scatter_add_(0, user_index, ones)
 
 
 def pow2_at_least(n: int, minimum: int = 1) -> int:
