@@ -6,8 +6,8 @@ plus the bytes the op must move; the x-axis is the history length L (the candida
 ``sdim_gather``, whose cost does not depend on L). Instead of ``triton.testing.perf_report``'s
 tables, this runner prints one machine-readable JSON line per (op, shape, provider):
 
-    {"op", "mode", "device", "dtype", "B", "U", "L", "d", "provider", "ms_p50", "ms_p20", "ms_p80",
-     "gbps", "speedup_vs_torch", "note"}
+    {"op", "mode", "device", "gpu", "layout", "dtype", "B", "U", "L", "d", "provider", "ms_p50",
+     "ms_p20", "ms_p80", "gbps", "speedup_vs_torch", "note"}
 
 * On CUDA: ``triton.testing.do_bench`` (quantiles 0.5/0.2/0.8, ``grad_to_none`` for backward).
 * On CPU (``--device cpu``): a smoke test of the **torch reference only**, with a manual
@@ -125,12 +125,13 @@ def run(op: str, args: argparse.Namespace, make_case: Callable[[argparse.Namespa
         xs: list[int] | None = None) -> None:
     """Time every (x, provider) of ``op`` and print JSON lines; x defaults to the L values."""
     mode = "fwd" if args.fwd_only else "fwd+bwd"
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
     for x in xs if xs is not None else args.seq_lens:
         case = make_case(args, x)
         results: dict[str, tuple[float, float, float]] = {}
         for provider in providers(args):
-            base = {"op": op, "mode": mode, "device": args.device, "dtype": args.dtype, **case.shape,
-                    "provider": provider}
+            base = {"op": op, "mode": mode, "device": args.device, "gpu": gpu, "layout": args.layout,
+                    "dtype": args.dtype, **case.shape, "provider": provider}
             reason = (case.skip or {}).get(provider)
             if reason:
                 print(json.dumps({**base, "skipped": reason}), flush=True)
