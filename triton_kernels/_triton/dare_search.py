@@ -31,6 +31,7 @@ from triton_kernels._triton.launch import (
     config_overrides,
     count_per_user,
     interpreting,
+    num_sms,
     pow2_at_least,
 )
 from triton_kernels._triton.math import pack_score_index, unpack_index, unpack_score
@@ -230,17 +231,6 @@ def _dare_search_bwd_kernel(
 
 
 CONFIG_ENV = "CTRSTREAM_DARE_CONFIG"  # e.g. "BLOCK_B=16,BLOCK_L=128,num_warps=4,SPLIT_LEN=4096"
-_SM_COUNT: dict[int, int] = {}
-
-
-def _programs_wanted(device: torch.device) -> int:
-    """About four programs per multiprocessor keep every SM busy while one waits on memory."""
-    if device.type != "cuda":
-        return 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return 4 * _SM_COUNT[index]
 
 
 def _config(length: int, dim_a: int, dim_r: int, top_k: int, batch: int, users: int,
@@ -264,8 +254,8 @@ def _config(length: int, dim_a: int, dim_r: int, top_k: int, batch: int, users: 
         block_l, split_len = INTERPRET_BLOCK_L, 2 * INTERPRET_BLOCK_L  # tests cover the merge of slices
     else:
         block_l = tun["BLOCK_L"]
-        splits = max(1, min(64, triton.cdiv(_programs_wanted(device), num_blocks),
-                            triton.cdiv(length, 8 * block_l)))  # a slice is at least 8 tiles
+        # ~4 programs per SM; a slice is at least 8 tiles
+        splits = max(1, min(64, triton.cdiv(4 * num_sms(device), num_blocks), triton.cdiv(length, 8 * block_l)))
         split_len = tun["SPLIT_LEN"] or triton.cdiv(triton.cdiv(length, splits), block_l) * block_l
     num_splits = max(1, triton.cdiv(length, split_len))
     return LaunchConfig(block_size=block_l, num_warps=tun["num_warps"],

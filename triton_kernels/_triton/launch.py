@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ __all__ = [
     "config_overrides",
     "count_per_user",
     "interpreting",
+    "num_sms",
     "pow2_at_least",
 ]
 
@@ -63,6 +65,15 @@ def config_overrides(env_var: str, defaults: dict[str, int]) -> dict[str, int]:
         except ValueError:
             raise ValueError(f"{env_var}: {key} must be an integer, got {value.strip()!r}") from None
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device: torch.device) -> int:
+    """Multiprocessors of ``device`` (cached); 4 off CUDA, so the interpreter's launch plans still
+    split work the way a GPU's would and the tests cover the split paths."""
+    if device.type != "cuda":
+        return 4
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 def count_per_user(user_index: torch.Tensor, num_users: int) -> torch.Tensor:

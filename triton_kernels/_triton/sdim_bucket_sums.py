@@ -36,8 +36,6 @@ ignored under ``TRITON_INTERPRET=1``).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -48,6 +46,7 @@ from triton_kernels._triton.launch import (
     assert_shape,
     config_overrides,
     interpreting,
+    num_sms,
     pow2_at_least,
 )
 from triton_kernels.reference._common import check
@@ -217,13 +216,6 @@ def _sdim_bucket_sums_bwd_kernel(
              acc.to(dx_ptr.dtype.element_ty), mask=l_ok[:, None] & d_ok[None, :])
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return int(torch.cuda.get_device_properties(device).multi_processor_count)
-
-
 def sdim_bucket_sums_config(device: torch.device, num_users: int, length: int, dim: int, num_groups: int,
                             num_codes: int) -> dict[str, int]:
     """Launch tunables (defaults, then ``CTRSTREAM_SDIM_BUCKETS_CONFIG`` overrides).
@@ -257,7 +249,7 @@ def sdim_bucket_sums_config(device: torch.device, num_users: int, length: int, d
     # chunks over L: only when (user, block) pairs alone leave SMs idle
     tiles = max(triton.cdiv(length, cfg["BLOCK_L"]), 1)
     pairs = max(num_users * cfg["G_BLOCKS"] * cfg["C_BLOCKS"], 1)
-    want = triton.cdiv(_num_sms(device) * max(cfg["PROGRAMS_PER_SM"], 1), pairs)
+    want = triton.cdiv(num_sms(device) * max(cfg["PROGRAMS_PER_SM"], 1), pairs)
     want = max(min(want, triton.cdiv(length, max(cfg["MIN_L_PER_CHUNK"], 1))), 1)
     # counts accumulate in fp32 inside a chunk: keep a chunk below 2**24 behaviors so they stay exact
     tiles_per_chunk = min(triton.cdiv(tiles, want), max(2**24 // cfg["BLOCK_L"], 1))

@@ -26,8 +26,6 @@ keys raise; ignored under ``TRITON_INTERPRET=1``).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -38,6 +36,7 @@ from triton_kernels._triton.launch import (
     assert_shape,
     config_overrides,
     interpreting,
+    num_sms,
     pow2_at_least,
 )
 from triton_kernels.reference._common import check
@@ -197,13 +196,6 @@ def _sdim_gather_bwd_shared_user_kernel(
         tl.store(dsums_ptr + off, acc.to(dsums_ptr.dtype.element_ty), mask=out_ok)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return int(torch.cuda.get_device_properties(device).multi_processor_count)
-
-
 def sdim_gather_config(device: torch.device, num_users: int, num_cands: int, num_groups: int,
                        num_codes: int, dim: int) -> dict[str, int]:
     """Launch tunables (defaults, then ``CTRSTREAM_SDIM_GATHER_CONFIG`` overrides).
@@ -231,7 +223,7 @@ def sdim_gather_config(device: torch.device, num_users: int, num_cands: int, num
     shared = num_users == 1 and num_codes <= cfg["SHARED_MAX_CODES"]
     cfg["SHARED_BWD"] = int(shared)
     if shared:
-        want = triton.cdiv(_num_sms(device) * max(cfg["BWD_PROGRAMS_PER_SM"], 1), max(num_groups, 1))
+        want = triton.cdiv(num_sms(device) * max(cfg["BWD_PROGRAMS_PER_SM"], 1), max(num_groups, 1))
         want = max(min(want, triton.cdiv(num_cands, max(cfg["BWD_MIN_B_PER_CHUNK"], 1))), 1)
         tiles = max(triton.cdiv(num_cands, cfg["BWD_BLOCK_B"]), 1)
         cfg["BWD_CHUNK_B"] = triton.cdiv(tiles, want) * cfg["BWD_BLOCK_B"]
