@@ -29,7 +29,7 @@ from triton_kernels._triton.launch import (
     LaunchConfig,
     assert_contiguous,
     config_overrides,
-    count_per_user,
+    group_by_user,
     interpreting,
     num_sms,
     pow2_at_least,
@@ -271,19 +271,10 @@ def _user_blocks(user_index: torch.Tensor, users: int, block_b: int, num_blocks:
 
     Each user's candidates fill ``ceil(count / block_b)`` blocks, so a block never mixes users; the
     grid is sized by the bound ``B // block_b + min(U, B) + 1`` and rows past the last block are
-    empty. Device-side ops only: no host synchronisation.
+    empty (``end == first``).
     """
-    order = torch.argsort(user_index, stable=True)
-    counts = count_per_user(user_index, users)
-    starts = torch.cumsum(counts, 0) - counts
-    per_user = (counts + block_b - 1) // block_b
-    block_end = torch.cumsum(per_user, 0)
-    j = torch.arange(num_blocks, device=user_index.device)
-    owner = torch.searchsorted(block_end, j, right=True).clamp_max(users - 1)
-    first = starts[owner] + (j - (block_end[owner] - per_user[owner])) * block_b
-    end = torch.minimum(first + block_b, starts[owner] + counts[owner])
-    end = torch.where(j < block_end[-1], end, first)
-    return order, torch.stack([owner, first, end], dim=1).contiguous()
+    _, order, owner, first, size = group_by_user(user_index, users, block_b, num_blocks)
+    return order, torch.stack([owner, first, first + size], dim=1).contiguous()
 
 
 class _DareSearch(torch.autograd.Function):

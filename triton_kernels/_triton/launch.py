@@ -16,7 +16,7 @@ __all__ = [
     "assert_shape",
     "calculate_settings",
     "config_overrides",
-    "count_per_user",
+    "group_by_user",
     "interpreting",
     "num_sms",
     "pow2_at_least",
@@ -76,14 +76,29 @@ def num_sms(device: torch.device) -> int:
     return int(torch.cuda.get_device_properties(device).multi_processor_count)
 
 
-def count_per_user(user_index: torch.Tensor, num_users: int) -> torch.Tensor:
-    """(U,) int64 candidates per user, on the device without a host sync.
+def group_by_user(user_index: torch.Tensor, num_users: int, block_b: int, num_blocks: int,
+                  min_count: int = 1) -> tuple[torch.Tensor, ...]:
+    """Candidate rows sorted by user and cut into blocks of at most ``block_b`` candidates of one user.
 
-    ``torch.bincount`` would do, but on CUDA it reads the input's maximum back to the host first;
-    the candidate grouping of dare_search and target_attention runs on every call.
+    Returns ``counts (U,)`` candidates per user, ``order (B,)`` the rows sorted by user (stable),
+    and per grid row ``(num_blocks,)``: ``owner`` the block's user, ``first`` its first slot in
+    ``order`` and ``size`` its number of candidates. Only users with at least ``min_count``
+    candidates get blocks (``ceil(count / block_b)`` each); ``num_blocks`` is the caller's bound on
+    their number, and rows past the last block have ``size = 0``. Device-side ops only: counting
+    uses ``scatter_add`` because ``torch.bincount`` on CUDA reads the maximum back to the host.
+    Used by dare_search's forward and target_attention's backward.
     """
     ones = torch.ones_like(user_index)
-    return torch.zeros(num_users, dtype=ones.dtype, device=ones.device).scatter_add_(0, user_index, ones)
+    counts = torch.zeros(num_users, dtype=ones.dtype, device=ones.device).scatter_add_(0, user_index, ones)
+    order = torch.argsort(user_index, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    per_user = torch.where(counts >= min_count, (counts + block_b - 1) // block_b, 0)
+    ends = torch.cumsum(per_user, 0)
+    j = torch.arange(num_blocks, device=user_index.device)
+    owner = torch.searchsorted(ends, j, right=True).clamp_max(num_users - 1)
+    index = j - (ends[owner] - per_user[owner])  # block number within its user
+    size = (counts[owner] - index * block_b).clamp(0, block_b) * (j < ends[-1])
+    return counts, order, owner, starts[owner] + index * block_b, size
 
 
 def pow2_at_least(n: int, minimum: int = 1) -> int:

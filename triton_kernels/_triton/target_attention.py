@@ -19,7 +19,7 @@ Backward, two kernels, both recomputing the hidden tiles. With ``a_l`` the pooli
   ``d keys[u, l] = a_l·dout + dh_l@W_bᵀ`` with a plain store (nobody else touches that user's keys);
   otherwise it stashes its ``W_b`` and ``hq`` for the second kernel.
 * ``_target_attention_dkeys_kernel`` handles the users with several candidates (the serving layout,
-  U = 1): candidates are sorted by user on the device (``argsort``/``scatter_add``/``searchsorted``, no
+  U = 1): candidates are sorted by user on the device (``launch.group_by_user``: torch ops, no
   host sync) and cut into groups of at most ``BLOCK_B`` candidates of one user; one program per
   (group, key tile) sums ``a_l·dout + dh_l@W_bᵀ`` over the group's candidates in registers and
   writes the tile once: a plain store when the group is the user's only one, else one
@@ -50,7 +50,7 @@ from triton_kernels._triton.launch import (
     LaunchConfig,
     assert_contiguous,
     config_overrides,
-    count_per_user,
+    group_by_user,
     interpreting,
     pow2_at_least,
 )
@@ -392,17 +392,9 @@ def _user_groups(users: torch.Tensor, num_users: int, block_b: int) -> tuple[tor
     the number of groups without a host sync; rows past the real groups have n = 0.
     """
     b = users.numel()
-    counts = count_per_user(users, num_users)
-    order = torch.argsort(users, stable=True)
-    first = torch.cumsum(counts, 0) - counts
-    n_groups = torch.where(counts > 1, (counts + block_b - 1) // block_b, 0)
-    ends = torch.cumsum(n_groups, 0)
     g_max = max(1, min(b, b // block_b + min(num_users, b // 2)))
-    gid = torch.arange(g_max, device=users.device)
-    owner = torch.searchsorted(ends, gid, right=True).clamp_(max=num_users - 1)
-    index = gid - (ends[owner] - n_groups[owner])  # group number within its user
-    n = (counts[owner] - index * block_b).clamp(0, block_b) * (gid < ends[-1])
-    groups = torch.stack([owner, first[owner] + index * block_b, n, (counts[owner] > block_b).long()], 1)
+    counts, order, owner, first, n = group_by_user(users, num_users, block_b, g_max, min_count=2)
+    groups = torch.stack([owner, first, n, (counts[owner] > block_b).long()], 1)
     return counts, order, groups.contiguous()
 
 
