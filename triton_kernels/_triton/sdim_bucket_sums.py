@@ -144,6 +144,23 @@ def _sdim_bucket_sums_fwd_kernel(
 
 
 @triton.jit
+def _sum_chunks(part_ptr, out_ptr, u, block, n, num_chunks, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """``out[u, ns] = Σ_k part[u, k, ns]`` over the chunks k in order, for one block of ``BLOCK_N``
+    entries; accumulated in ``ACC`` (fp32 for sums, int32 for counts)."""
+    ns = block.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = ns < n
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N,), dtype=ACC)
+    for k0 in range(0, num_chunks, BLOCK_K):
+        kk = k0 + ks
+        part = tl.load(part_ptr + (u * num_chunks + kk[:, None]) * n + ns[None, :],
+                       mask=(kk < num_chunks)[:, None] & n_ok[None, :], other=0)
+        acc += tl.sum(part, axis=0)
+    tl.store(out_ptr + u * n + ns, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
 def _sdim_bucket_sums_reduce_kernel(
     ws_ptr, wc_ptr, sums_ptr, counts_ptr,
     n_sums, n_counts, num_chunks,
@@ -159,27 +176,10 @@ def _sdim_bucket_sums_reduce_kernel(
     u = tl.program_id(0).to(tl.int64)
     pid = tl.program_id(1)
     blocks_s = tl.cdiv(n_sums, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
     if pid < blocks_s:
-        ns = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = ns < n_sums
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, num_chunks, BLOCK_K):
-            kk = k0 + ks
-            part = tl.load(ws_ptr + (u * num_chunks + kk[:, None]) * n_sums + ns[None, :],
-                           mask=(kk < num_chunks)[:, None] & n_ok[None, :], other=0.0)
-            acc += tl.sum(part, axis=0)
-        tl.store(sums_ptr + u * n_sums + ns, acc.to(sums_ptr.dtype.element_ty), mask=n_ok)
+        _sum_chunks(ws_ptr, sums_ptr, u, pid, n_sums, num_chunks, tl.float32, BLOCK_N, BLOCK_K)
     else:
-        ns = (pid - blocks_s).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = ns < n_counts
-        cnt = tl.zeros((BLOCK_N,), dtype=tl.int32)
-        for k0 in range(0, num_chunks, BLOCK_K):
-            kk = k0 + ks
-            part_c = tl.load(wc_ptr + (u * num_chunks + kk[:, None]) * n_counts + ns[None, :],
-                             mask=(kk < num_chunks)[:, None] & n_ok[None, :], other=0)
-            cnt += tl.sum(part_c, axis=0)
-        tl.store(counts_ptr + u * n_counts + ns, cnt, mask=n_ok)
+        _sum_chunks(wc_ptr, counts_ptr, u, pid - blocks_s, n_counts, num_chunks, tl.int32, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
