@@ -90,6 +90,17 @@ def _load_unit(q_ptr, stride_qb, stride_qd, w1_ptr, stride_w1r, stride_w1h, b1_p
 
 
 @triton.jit
+def _key_tile(k_ptr, stride_ku, stride_kl, stride_kd, mask_ptr, stride_mu, stride_ml, u, ls, length, ds, d_ok):
+    """User ``u``'s keys at positions ``ls`` as fp32, 0 on padding and past L: ``(real, offsets,
+    load mask, keys)``; the offsets and mask serve the backward's ``d keys`` writes."""
+    l_ok = ls < length
+    real = (tl.load(mask_ptr + u * stride_mu + ls * stride_ml, mask=l_ok, other=0) != 0) & l_ok
+    k_off = u * stride_ku + ls[:, None] * stride_kl + ds[None, :] * stride_kd
+    k_mask = real[:, None] & d_ok[None, :]
+    return real, k_off, k_mask, tl.load(k_ptr + k_off, mask=k_mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _target_attention_fwd_kernel(
     q_ptr, stride_qb, stride_qd,
     k_ptr, stride_ku, stride_kl, stride_kd,
@@ -131,10 +142,8 @@ def _target_attention_fwd_kernel(
     s = 0.0
     for l0 in range(0, length, BLOCK_L):
         ls = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
-        l_ok = ls < length
-        real = (tl.load(mask_ptr + u * stride_mu + ls * stride_ml, mask=l_ok, other=0) != 0) & l_ok
-        k = tl.load(k_ptr + u * stride_ku + ls[:, None] * stride_kl + ds[None, :] * stride_kd,
-                    mask=real[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        real, _, _, k = _key_tile(k_ptr, stride_ku, stride_kl, stride_kd, mask_ptr, stride_mu, stride_ml,
+                                           u, ls, length, ds, d_ok)
         hidden = tl.dot(k, w_b, input_precision="ieee") + hq[None, :]  # (BLOCK_L, BLOCK_H)
         act = activation_fwd(hidden, alpha[None, :], mean[None, :], istd[None, :], ACT)
         score = tl.sum(act * w2[None, :], axis=1) + b2  # (BLOCK_L,)
@@ -217,11 +226,8 @@ def _target_attention_bwd_kernel(
     d_b2 = 0.0
     for l0 in range(0, length, BLOCK_L):
         ls = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
-        l_ok = ls < length
-        real = (tl.load(mask_ptr + u * stride_mu + ls * stride_ml, mask=l_ok, other=0) != 0) & l_ok
-        k_off = u * stride_ku + ls[:, None] * stride_kl + ds[None, :] * stride_kd
-        k_mask = real[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + k_off, mask=k_mask, other=0.0).to(tl.float32)
+        real, k_off, k_mask, k = _key_tile(k_ptr, stride_ku, stride_kl, stride_kd, mask_ptr, stride_mu, stride_ml,
+                                           u, ls, length, ds, d_ok)
         hidden = tl.dot(k, w_b, input_precision="ieee") + hq[None, :]
         act = activation_fwd(hidden, alpha[None, :], mean[None, :], istd[None, :], ACT)
         score = tl.sum(act * w2[None, :], axis=1) + b2
@@ -305,11 +311,8 @@ def _target_attention_dkeys_kernel(
     end = tl.where(n > 0, length, 0)  # a padding group does nothing (and must not store zeros)
     for l0 in range(tl.program_id(1) * BLOCK_L, end, tl.num_programs(1) * BLOCK_L):
         ls = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
-        l_ok = ls < length
-        real = (tl.load(mask_ptr + u * stride_mu + ls * stride_ml, mask=l_ok, other=0) != 0) & l_ok
-        k_off = u * stride_ku + ls[:, None] * stride_kl + ds[None, :] * stride_kd
-        k_mask = real[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + k_off, mask=k_mask, other=0.0).to(tl.float32)
+        real, k_off, k_mask, k = _key_tile(k_ptr, stride_ku, stride_kl, stride_kd, mask_ptr, stride_mu, stride_ml,
+                                           u, ls, length, ds, d_ok)
         dk = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
         for i in range(0, n):
             b = tl.load(order_ptr + first + i)
