@@ -133,7 +133,7 @@ def _sdim_gather_bwd_shared_user_kernel(
     dout_ptr, stride_ob, stride_od,
     dsums_ptr, stride_dg, stride_dc, stride_dd,
     num_cands, num_groups, dim, eps_sq, chunk_len,
-    NUM_CODES: tl.constexpr, USE_ATOMICS: tl.constexpr, SPLIT_BF16: tl.constexpr, F32_DOT: tl.constexpr,
+    NUM_CODES: tl.constexpr, USE_ATOMICS: tl.constexpr, F32_DOT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Serving backward (one user): segment-sum one group's gradients over a chunk of candidates.
@@ -175,9 +175,9 @@ def _sdim_gather_bwd_shared_user_kernel(
         proj = tl.sum(y * dy, axis=1)
         dv = tl.where(tile_ok & (inv[:, None] > 0), (dy - y * proj[:, None]) * inv[:, None], 0.0)
         hit = (cs[:, None] == code[None, :]) & ok[None, :]  # (BLOCK_C, BLOCK_B)
-        if F32_DOT:  # interpreter (its bf16 dot is unreliable) or fp32 FMA dot
+        if F32_DOT:  # interpreter: its bf16 dot is unreliable
             acc = tl.dot(hit.to(tl.float32), dv, acc, input_precision="ieee")
-        elif SPLIT_BF16:  # exact: dv = d1 + d2 + d3 in bf16, one-hot exact in bf16
+        else:  # exact: dv = d1 + d2 + d3 in bf16, one-hot exact in bf16
             onehot = hit.to(tl.bfloat16)
             d1 = dv.to(tl.bfloat16)
             r1 = dv - d1.to(tl.float32)
@@ -186,8 +186,6 @@ def _sdim_gather_bwd_shared_user_kernel(
             acc = tl.dot(onehot, d1, acc)
             acc = tl.dot(onehot, d2, acc)
             acc = tl.dot(onehot, d3, acc)
-        else:
-            acc = tl.dot(hit.to(tl.float32), dv, acc, input_precision="ieee")
     out_ok = (cs < NUM_CODES)[:, None] & d_ok[None, :]
     off = g * stride_dg + cs[:, None] * stride_dc + ds[None, :] * stride_dd
     if USE_ATOMICS:
@@ -260,12 +258,11 @@ def _backward_shared_user(sums_c: torch.Tensor, codes: torch.Tensor, dout: torch
         dsums = torch.empty(sums_c.shape, dtype=sums_c.dtype, device=sums_c.device)
     if b == 0 or g == 0 or dim == 0:
         return dsums.zero_()
-    interp = interpreting()
     _sdim_gather_bwd_shared_user_kernel[(g, chunks)](
         sums_c, *sums_c.stride()[1:], codes, *codes.stride(), dout, *dout.stride(),
         dsums, *dsums.stride()[1:],
         b, g, dim, SDIM_NORM_EPS * SDIM_NORM_EPS, cfg.get("BWD_CHUNK_B"),
-        NUM_CODES=c, USE_ATOMICS=use_atomics, SPLIT_BF16=not interp, F32_DOT=interp,
+        NUM_CODES=c, USE_ATOMICS=use_atomics, F32_DOT=interpreting(),
         BLOCK_B=cfg.get("BWD_BLOCK_B"), BLOCK_C=cfg.get("BLOCK_C"), BLOCK_D=cfg.block_size,
         num_warps=cfg.get("BWD_num_warps"), num_stages=cfg.get("BWD_num_stages"),
     )
