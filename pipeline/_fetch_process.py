@@ -123,6 +123,12 @@ def _raw_records_class(base: type) -> type:
     return RawBatches
 
 
+def _legacy_message(partition: int, gen: int, records: list[tuple[int, bytes | None, bytes | None]]) -> bytes:
+    """The pipe message of a legacy (magic 0/1) batch's records, parsed by kafka-python in the child:
+    ``(offset, key, value)`` each."""
+    return _LEGACY + pickle.dumps((partition, gen, records))
+
+
 class _Child:
     def __init__(self, cfg: dict[str, Any], out: Connection, ctl: Connection) -> None:
         self.out, self.ctl = out, ctl
@@ -252,7 +258,7 @@ class _Child:
                         self._put(b"".join((_DATA, hdr(h[0], gen.get(h[0], 0), h[1], h[2], h[3]), body)),
                                   h[0], max(h[1], h[2]))
                     elif body:  # legacy records, already parsed by kafka-python
-                        self._put(_LEGACY + pickle.dumps((h, gen.get(h, 0), body)), h, body[0][0])
+                        self._put(_legacy_message(h, gen.get(h, 0), body), h, body[0][0])
 
 
 def _child_main(cfg: dict[str, Any], out: Connection, ctl: Connection) -> None:

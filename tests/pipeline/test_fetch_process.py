@@ -239,3 +239,63 @@ def test_close_is_prompt_and_the_fetch_process_dies_with_the_worker(broker, tmp_
             pytest.fail("the fetch process outlived the worker")
     finally:
         p.kill()
+
+
+def _legacy_set(magic: int, compression: int, offsets: range, corrupt_at: int | None = None) -> bytes:
+    """A message set of the legacy formats (magic 0/1; the embedded broker writes v2 only)."""
+    from kafka.record.legacy_records import LegacyRecordBatchBuilder
+
+    b = LegacyRecordBatchBuilder(magic, compression, 1 << 20)
+    for i, off in enumerate(offsets):
+        b.append(off, 1_767_225_600_000 + i, None if i == 3 else b"k%d" % off, b"value-%d" % off)
+    buf = bytearray(b.build())
+    if corrupt_at is not None:  # a byte of the last record's value: its CRC no longer matches
+        buf[corrupt_at] ^= 0x55
+    return bytes(buf)
+
+
+@pytest.mark.parametrize("magic", [0, 1])
+@pytest.mark.parametrize("compression", [0, 1], ids=["plain", "gzip"])
+def test_legacy_batches_reach_the_worker_as_the_in_process_consumer_returns_them(magic, compression):
+    """Legacy batches are parsed by kafka-python in the child and sent as records; the worker's
+    columns equal what the in-process fast path returns, from a fetch offset inside the set."""
+    import numpy as np
+    from kafka.record.memory_records import MemoryRecords
+    from kafka.structs import TopicPartition
+
+    buf = _legacy_set(magic, compression, range(10, 18))
+    tp = TopicPartition("events", 2)
+    expected = [(r.offset, r.key, r.value) for r in _kafka_fast._fast_class()(12, tp, MemoryRecords(buf)).take()]
+    assert [o for o, _, _ in expected] == list(range(12, 18))
+    child = _fetch_process._raw_records_class(_kafka_fast._fast_class())(12, tp, MemoryRecords(buf))
+    items = child.take()
+    assert child.next_fetch_offset == 18 and all(kind == _fetch_process._LEGACY for kind, _, _ in items)
+    worker = object.__new__(_fetch_process.FetchProcessConsumer)  # its parse side only: no process
+    worker._gen, worker._topic = {2: 4}, "events"
+    got = []
+    for _kind, part, recs in items:
+        if recs:  # what the child sends: a set's records, skipped ones (below the fetch offset) dropped
+            b = worker._columns(_fetch_process._legacy_message(part, 4, recs))
+            assert b.topic == "events" and np.all(b.partition == 2)
+            got += [(r.offset, r.key, r.value) for r in b.records()]
+    assert got == expected
+    stale = worker._columns(_fetch_process._legacy_message(2, 3, items[-1][2]))
+    assert stale is None  # sent before the partition's last seek: dropped
+
+
+def test_a_corrupt_legacy_record_is_refused_in_the_child_as_in_process():
+    """The records before it are returned, then the CRC error is raised (kafka-python's take())."""
+    from kafka.errors import CorruptRecordError
+    from kafka.record.memory_records import MemoryRecords
+    from kafka.structs import TopicPartition
+
+    good = _legacy_set(1, 0, range(5))
+    buf = _legacy_set(1, 0, range(5), corrupt_at=len(good) - 2)
+    tp = TopicPartition("events", 0)
+    for cls in (_kafka_fast._fast_class(), _fetch_process._raw_records_class(_kafka_fast._fast_class())):
+        assert len(cls(0, tp, MemoryRecords(good)).take()) == 5
+        bad = cls(0, tp, MemoryRecords(buf))
+        first = bad.take()
+        assert sum(len(x[2]) if x[0] == _fetch_process._LEGACY else 1 for x in first) == 4
+        with pytest.raises(CorruptRecordError, match="crc"):
+            bad.take()
