@@ -177,6 +177,8 @@ class PendingCommit:
     def __init__(self, store: SequenceStore, delta: StateDelta, cols: list[tuple[np.ndarray, ...]],
                  background: bool) -> None:
         self.delta = delta
+        #: how long the store's part took (grouping the appends and the store commit), once it ended
+        self.seconds = 0.0
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         if background:
@@ -187,11 +189,14 @@ class PendingCommit:
             self._run(store, cols)
 
     def _run(self, store: SequenceStore, cols: list[tuple[np.ndarray, ...]]) -> None:
+        t = time.perf_counter()
         try:
             self.delta.appends = _grouped_appends(cols)
             store.commit(self.delta)
         except BaseException as e:  # noqa: BLE001 - raised again by wait(), in the caller's thread
             self._error = e
+        finally:
+            self.seconds = time.perf_counter() - t
 
     def done(self) -> bool:
         return self._thread is None or not self._thread.is_alive()

@@ -58,6 +58,8 @@ class WorkerSettings(CommonSettings):
     # a commit that falls due runs in a background thread while the next batches are processed (at most
     # one in flight; pipeline/worker.py StreamWorker.commit)
     background_commit: bool = True
+    metrics_port: int | None = Field(None, ge=0, le=65535)  # Prometheus /metrics over HTTP (pipeline/metrics.py); None = off
+    metrics_host: str = "127.0.0.1"  # address the metrics server binds
 
 
 class ProduceSettings(CommonSettings):

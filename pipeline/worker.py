@@ -76,7 +76,7 @@ from pipeline import joins
 from pipeline.checkpoint import Checkpoint, CommitPolicy, PendingCommit
 from pipeline.config import WorkerSettings
 from pipeline.events import ACTIONS, BEHAVIOR, CLICK, IMPRESSION, RawRecord, RecordBatch, decode_batch
-from pipeline.exceptions import OffsetRegressionError
+from pipeline.exceptions import ConfigError, OffsetRegressionError
 from pipeline.joins import CLICK_TS, P_TS, JoinImpl, decode_pending, parse_pending_key, sample_id
 from pipeline.kafka import ConsumerAdapter, ProducerAdapter, TopicPartitionT, make_consumer, make_producer
 from pipeline.state import SequenceStore, StateDelta, open_store
@@ -121,6 +121,18 @@ class WorkerStats:
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class PartitionStatus:
+    """One owned partition as the worker sees it now (``StreamWorker.partition_status``: metrics)."""
+
+    topic: str
+    partition: int
+    watermark_ms: int  # max event time seen (0: none yet)
+    pending_impressions: int  # waiting for their label
+    orphan_clicks: int  # clicks whose impression has not been seen (yet)
+    stored_offset: int | None  # next offset as of the last commit (None: nothing stored yet)
 
 
 @dataclass
@@ -168,6 +180,10 @@ class StreamWorker:
                                                                settings.commit_max_events))
         #: told the offsets of every successful commit (run_worker commits them to the broker, for lag)
         self.on_committed: Callable[[dict[TopicPartitionT, int]], None] | None = None
+        #: told how long each successful commit's store part took, in seconds (metrics)
+        self.on_commit_seconds: Callable[[float], None] | None = None
+        #: wall-clock time (Unix seconds) of the last successful commit; None before the first
+        self.last_commit_unix: float | None = None
         #: set when a commit was fenced: the caller must re-assign (reload state, seek)
         self.fenced = False
 
@@ -185,6 +201,13 @@ class StreamWorker:
     def stored_offsets(self) -> dict[TopicPartitionT, int]:
         """Next offsets as stored by the last commit (what the broker is told, for lag)."""
         return dict(self._stored_offsets)
+
+    def partition_status(self) -> list[PartitionStatus]:
+        """The owned partitions, sorted. Safe to call from another thread (a metrics scrape): it reads
+        sizes and numbers only, from snapshots taken under the GIL."""
+        stored = dict(self._stored_offsets)
+        return [PartitionStatus(tp[0], tp[1], st.watermark, len(st.pending), len(st.orphans), stored.get(tp))
+                for tp, st in sorted(list(self._parts.items()))]
 
     # ---- partition lifecycle ----------------------------------------------------------------------
     def assign(self, tps: list[TopicPartitionT]) -> dict[TopicPartitionT, int]:
@@ -280,7 +303,10 @@ class StreamWorker:
             self._discard()  # a failed store commit: nothing of it is stored; it propagates
             raise
         self.stats.commits += 1
+        self.last_commit_unix = time.time()
         self._stored_offsets.update(delta.offsets)
+        if self.on_commit_seconds is not None:
+            self.on_commit_seconds(pending.seconds)
         if self.on_committed is not None:
             self.on_committed(dict(delta.offsets))
         return True
@@ -555,6 +581,19 @@ def _run(settings: WorkerSettings, stop: threading.Event, on_batch: Callable[[Wo
     store = open_store(settings.store, cap=settings.lifelong_cap)
     producer = make_producer(settings.kafka_client, settings.bootstrap_servers)
     worker = StreamWorker(settings, store, producer, background_commits=settings.background_commit)
+    metrics = None
+    if settings.metrics_port is not None:
+        from pipeline.metrics import WorkerMetrics
+
+        metrics = WorkerMetrics(worker)
+        try:
+            port = metrics.serve_http(settings.metrics_port, settings.metrics_host)
+        except OSError as e:  # a port in use, an address not on this host: a start-up error
+            producer.close()
+            store.close()
+            raise ConfigError(f"metrics_port: cannot serve /metrics on {settings.metrics_host}:"
+                              f"{settings.metrics_port}: {e.strerror or e}") from None
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, port)
     consumer_ref: list[ConsumerAdapter] = []
     pending_seeks: dict[TopicPartitionT, int] = {}
 
@@ -569,11 +608,18 @@ def _run(settings: WorkerSettings, stop: threading.Event, on_batch: Callable[[Wo
                 consumer_ref[0].seek(tp, off)
             pending_seeks.clear()
 
-    consumer = make_consumer(settings.kafka_client, settings.bootstrap_servers, [settings.events_topic],
-                             settings.group_id, on_assign=on_assign, on_revoke=worker.revoke,
-                             max_poll_interval_ms=settings.max_poll_interval_ms,
-                             session_timeout_ms=settings.session_timeout_ms,
-                             max_poll_records=settings.max_poll_records, fetch_process=settings.fetch_process)
+    try:
+        consumer = make_consumer(settings.kafka_client, settings.bootstrap_servers, [settings.events_topic],
+                                 settings.group_id, on_assign=on_assign, on_revoke=worker.revoke,
+                                 max_poll_interval_ms=settings.max_poll_interval_ms,
+                                 session_timeout_ms=settings.session_timeout_ms,
+                                 max_poll_records=settings.max_poll_records, fetch_process=settings.fetch_process)
+    except BaseException:
+        if metrics is not None:
+            metrics.close()
+        producer.close()
+        store.close()
+        raise
     consumer_ref.append(consumer)
     worker.on_committed = consumer.commit  # broker-side offsets follow each state commit (lag dashboards)
     started = time.monotonic()
@@ -588,8 +634,11 @@ def _run(settings: WorkerSettings, stop: threading.Event, on_batch: Callable[[Wo
                     consumer.seek(tp, off)
                 pending_seeks.clear()
             if len(records):
+                t = time.perf_counter()
                 worker.process(records)  # commits when the checkpoint is due
                 last_data = time.monotonic()
+                if metrics is not None:
+                    metrics.observe_batch(time.perf_counter() - t)
                 if on_batch:
                     on_batch(worker.stats)
             else:
@@ -612,6 +661,8 @@ def _run(settings: WorkerSettings, stop: threading.Event, on_batch: Callable[[Wo
                 on_batch(worker.stats)
     finally:
         worker.abandon()  # after an error: a commit still in flight ends before the store closes
+        if metrics is not None:
+            metrics.close()
         consumer.close()
         producer.close()
         store.close()
