@@ -116,6 +116,8 @@ class _Slot:
     step_s: float = 0.0
     registered_at: int = -1  # samples learned when the last registry version was logged
     step_module: torch.nn.Module | None = None  # ``train`` itself, or ``train`` in DDP (world > 1)
+    #: the window's metrics and the step's loss as last computed (rank 0; read by models/trainer_metrics.py)
+    last_metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def stepper(self) -> torch.nn.Module:
@@ -181,6 +183,7 @@ class OnlineTrainer:
         self.generation = 0  # crash-safe state generation (data parallel)
         self.consumer_lag = float("nan")  # samples not yet consumed (set by the run loop)
         self.data_s = 0.0
+        self.last_step_unix: float | None = None  # wall-clock time of the last step with samples
         self.slots: list[_Slot] = []
         torch.manual_seed(settings.seed)
         for preset in [m.strip() for m in settings.models.split(",") if m.strip()]:
@@ -401,6 +404,7 @@ class OnlineTrainer:
         self.data_s += time.perf_counter() - t0
         self.samples += len(samples)
         self.total_samples += total
+        self.last_step_unix = time.time()
         user_arr = np.asarray(users, dtype=np.int64)
         y = labels.numpy()
         weight = loss_weight(counts, self.dist.rank)
@@ -457,7 +461,8 @@ class OnlineTrainer:
         if slot.tracker is None:
             return
         m = slot.window.metrics()
-        m.update({"loss": sum(sh[4] for sh in shares) / max(1, total),
+        slot.last_metrics = {**m, "loss": sum(sh[4] for sh in shares) / max(1, total)}
+        m.update({"loss": slot.last_metrics["loss"],
                   "samples_per_s": rep.samples / max(slot.step_s, 1e-9),
                   "seq_read_ms": 1000 * self.data_s / max(rep.steps, 1), "consumer_lag": self.consumer_lag,
                   "duplicates_skipped": float(self.duplicates)})
@@ -603,7 +608,19 @@ def _consume(settings: TrainerSettings, ctx: DistContext, stop: threading.Event,
     failed = False
     consumer: Any = None
     lag = _LagProbe(settings)
+    metrics: Any = None
     try:
+        if settings.metrics_port is not None and ctx.is_root:  # one endpoint per group: rank 0's
+            from models.trainer_metrics import TrainerMetrics
+
+            metrics = TrainerMetrics(trainer)
+            try:
+                port = metrics.serve_http(settings.metrics_port, settings.metrics_host)
+            except OSError as e:  # a port in use, an address not on this host: a start-up error
+                metrics = None
+                raise ConfigError(f"metrics_port: cannot serve /metrics on {settings.metrics_host}:"
+                                  f"{settings.metrics_port}: {e.strerror or e}") from None
+            log.info("metrics on http://%s:%d/metrics", settings.metrics_host, port)
         consumer = make_assigned_consumer(settings.kafka_client, settings.bootstrap_servers,
                                           [settings.samples_topic], settings.group_id, rank=ctx.rank,
                                           world=ctx.world, max_poll_records=settings.batch_size,
@@ -643,6 +660,8 @@ def _consume(settings: TrainerSettings, ctx: DistContext, stop: threading.Event,
         failed = True
         raise
     finally:
+        if metrics is not None:
+            metrics.close()
         if consumer is not None:
             consumer.close()
         lag.close()

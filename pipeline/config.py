@@ -99,6 +99,8 @@ class TrainerSettings(CommonSettings):
     dist_init: str | None = None  # tcp://HOST:PORT of rank 0; default env:// (MASTER_ADDR/MASTER_PORT)
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl when CUDA is available, else gloo
     dist_timeout_s: float = Field(600.0, gt=0)  # how long a collective waits for the other ranks
+    metrics_port: int | None = Field(None, ge=0, le=65535)  # Prometheus /metrics (rank 0); None = off
+    metrics_host: str = "127.0.0.1"  # address the metrics server binds
 
     @model_validator(mode="after")
     def _rank_in_world(self) -> TrainerSettings:
