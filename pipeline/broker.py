@@ -68,21 +68,26 @@ def wait_for_kafka(bootstrap: str, timeout_s: float = START_TIMEOUT_S) -> None:
     raise BrokerError(f"broker at {bootstrap} did not answer within {timeout_s:.0f}s: {last}")
 
 
-def create_topics(bootstrap: str, topics: dict[str, int]) -> None:
-    """Create topics {name: partitions} if missing (replication 1: the embedded broker is one node)."""
+def create_topics(bootstrap: str, topics: dict[str, int], replication: int = 1,
+                  timeout_ms: int = 10_000) -> list[str]:
+    """Create topics {name: partitions} if missing (replication 1 by default: the embedded broker is
+    one node); returns the names created (an existing topic is left as it is). ``timeout_ms`` bounds
+    the connection to the cluster and each request."""
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms,
+                             bootstrap_timeout_ms=timeout_ms)
     try:
         have = set(admin.list_topics())
-        new = [NewTopic(t, n, 1) for t, n in topics.items() if t not in have]
+        new = [NewTopic(t, n, replication) for t, n in topics.items() if t not in have]
         if new:
             try:
                 admin.create_topics(new)
             except TopicAlreadyExistsError:
                 pass
+        return [t.name for t in new]
     finally:
         admin.close()
 

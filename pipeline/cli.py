@@ -91,6 +91,33 @@ def cmd_produce(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_topics(args: argparse.Namespace) -> int:
+    """Create the events, samples and dead-letter topics (a deployment's first step; existing ones are
+    left as they are). The worker's group spreads the events topic's partitions over its members, so
+    its partition count caps how many workers share the load."""
+    import time
+
+    from pipeline.broker import create_topics
+    from pipeline.config import ProduceSettings
+
+    s = _settings(ProduceSettings, args, "produce")
+    want = {s.events_topic: s.partitions, s.samples_topic: s.partitions, s.dlq_topic: 1}
+    deadline = time.monotonic() + args.wait
+    while True:  # a broker that is still starting (a compose stack) is waited for, up to --wait seconds
+        try:
+            left_ms = int(1000 * max(1.0, deadline - time.monotonic()))
+            created = create_topics(s.bootstrap_servers, want, args.replication, min(10_000, left_ms))
+            break
+        except Exception as e:  # noqa: BLE001 - kafka-python raises several kinds while the broker starts
+            if time.monotonic() > deadline:
+                print(f"topics: the broker at {s.bootstrap_servers} did not answer within {args.wait:.0f}s: {e}",
+                      file=sys.stderr)
+                return 1
+            time.sleep(1.0)
+    print(json.dumps({"created": created, "topics": want, "replication": args.replication}))
+    return 0
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from pipeline.config import WorkerSettings
     from pipeline.worker import run_worker
@@ -199,6 +226,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     pr.add_argument("--options", default=None, help='dataset options as JSON, e.g. \'{"users": 50}\'')
     add_settings_arguments(pr, ProduceSettings)
     pr.set_defaults(func=cmd_produce)
+
+    tp = sub.add_parser("topics", help="create the events, samples and dead-letter topics")
+    tp.add_argument("--replication", type=int, default=1, help="replication factor of new topics")
+    tp.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the broker to answer")
+    add_settings_arguments(tp, ProduceSettings)
+    tp.set_defaults(func=cmd_topics)
 
     w = sub.add_parser("worker", help="the stream worker")
     add_settings_arguments(w, WorkerSettings)
