@@ -549,7 +549,9 @@ class OnlineTrainer:
 
 
 class _LagProbe:
-    """Consumer lag = end offsets − consumed offsets, from a group-less consumer (every few steps)."""
+    """Consumer lag = end offsets − consumed offsets, from a group-less consumer of the trainer's own
+    client (every few steps). The embedded broker (Tansu) answers "latest" with the offset after the
+    first record of the last batch, so there the lag reads low by up to a batch; a Kafka broker's is exact."""
 
     EVERY = 20  # steps between probes: one metadata round trip each
 
@@ -561,19 +563,29 @@ class _LagProbe:
 
     def __call__(self, offsets: dict[tuple[str, int], int]) -> float:
         self.steps += 1
-        if self.s.kafka_client != "kafka-python" or (self.steps - 1) % self.EVERY:
+        if (self.steps - 1) % self.EVERY or not offsets:
             return self.last
         try:
-            from kafka import KafkaConsumer, TopicPartition
-
-            if self._c is None:
-                self._c = KafkaConsumer(bootstrap_servers=self.s.bootstrap_servers, enable_auto_commit=False)
-            tps = [TopicPartition(t, p) for (t, p) in offsets]
-            ends = self._c.end_offsets(tps)
-            self.last = float(sum(max(0, ends[tp] - offsets[(tp.topic, tp.partition)]) for tp in tps))
+            ends = self._end_offsets(list(offsets))
+            self.last = float(sum(max(0, ends[tp] - off) for tp, off in offsets.items()))
         except Exception as e:  # noqa: BLE001 - a metric must never stop training
             log.debug("lag probe failed: %s", e)
         return self.last
+
+    def _end_offsets(self, tps: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        if self.s.kafka_client == "confluent":
+            import confluent_kafka as ck
+
+            if self._c is None:
+                self._c = ck.Consumer({"bootstrap.servers": self.s.bootstrap_servers, "enable.auto.commit": False,
+                                       "group.id": f"{self.s.group_id}-lag-probe", "log_level": 3})
+            return {tp: int(self._c.get_watermark_offsets(ck.TopicPartition(*tp), timeout=5)[1]) for tp in tps}
+        from kafka import KafkaConsumer, TopicPartition
+
+        if self._c is None:
+            self._c = KafkaConsumer(bootstrap_servers=self.s.bootstrap_servers, enable_auto_commit=False)
+        ends = self._c.end_offsets([TopicPartition(t, p) for t, p in tps])
+        return {(tp.topic, tp.partition): int(off) for tp, off in ends.items()}
 
     def close(self) -> None:
         if self._c is not None:
