@@ -80,6 +80,19 @@ for i = 1, ne do
   if have ~= want then return {'fenced', i, have or ''} end
   a = a + 2
 end
+-- Rows [k, k + take) of one column (W bytes a row) of the tail chunk's tn rows (at byte toff of
+-- `tail`) followed by the new rows: the part from the tail and the part from `new` ('' for none).
+-- Redis hashes every byte of every string a script creates, and that hashing was most of this
+-- script's time, so chunks are built in one concatenation of slices, with no intermediate
+-- tail-plus-new columns, and a column that goes into a chunk whole is not copied.
+local function part(tail, toff, tn, new, W, k, take)
+  local a, b = '', ''
+  if k < tn then a = string.sub(tail, toff + W * k, toff + W * math.min(tn, k + take) - 1) end
+  local lo, hi = math.max(k - tn, 0), k + take - tn
+  if lo == 0 and W * hi == #new then b = new  -- all of it: no copy (each new Lua string is hashed whole)
+  elseif hi > lo then b = string.sub(new, W * lo + 1, W * hi) end
+  return a, b
+end
 local plans = {}
 for i = 1, nu do
   local key = KEYS[4 + i]
@@ -90,23 +103,16 @@ for i = 1, nu do
   local e = tonumber(se[2]) or 0
   local nnew = #ac
   local first = e
+  local tail, tn = '', 0
   if e % R ~= 0 then
     local tci = math.floor(e / R)
-    local tail = redis.call('HGET', key, num(tci))
+    tail = redis.call('HGET', key, num(tci))
     if not tail then return {'corrupt', i, 'tail chunk ' .. num(tci) .. ' is missing'} end
-    local tn = struct.unpack('<H', tail)
+    tn = struct.unpack('<H', tail)
     first = tci * R
     if first + tn ~= e then return {'corrupt', i, 'tail chunk ' .. num(tci) .. ' holds ' .. tn .. ' rows'} end
-    local o = 3
-    it = string.sub(tail, o, o + 8 * tn - 1) .. it
-    o = o + 8 * tn
-    ca = string.sub(tail, o, o + 8 * tn - 1) .. ca
-    o = o + 8 * tn
-    ts = string.sub(tail, o, o + 8 * tn - 1) .. ts
-    o = o + 8 * tn
-    ac = string.sub(tail, o, o + tn - 1) .. ac
   end
-  local n = #ac
+  local n = tn + nnew
   local new_e = e + nnew
   local new_s = math.max(s, new_e - cap)
   local keep = math.floor(new_s / R)
@@ -116,10 +122,12 @@ for i = 1, nu do
     local ci = math.floor(pos / R)
     local take = math.min(R - pos % R, n - k)
     if ci >= keep then
-      local x, z = 8 * k + 1, 8 * (k + take)
+      local i1, i2 = part(tail, 3, tn, it, 8, k, take)
+      local c1, c2 = part(tail, 3 + 8 * tn, tn, ca, 8, k, take)
+      local t1, t2 = part(tail, 3 + 16 * tn, tn, ts, 8, k, take)
+      local a1, a2 = part(tail, 3 + 24 * tn, tn, ac, 1, k, take)
       w[#w + 1] = num(ci)
-      w[#w + 1] = struct.pack('<H', take) .. string.sub(it, x, z) .. string.sub(ca, x, z)
-        .. string.sub(ts, x, z) .. string.sub(ac, k + 1, k + take)
+      w[#w + 1] = struct.pack('<H', take) .. i1 .. i2 .. c1 .. c2 .. t1 .. t2 .. a1 .. a2
     end
     pos = pos + take
     k = k + take
