@@ -230,7 +230,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     tp = sub.add_parser("topics", help="create the events, samples and dead-letter topics")
     tp.add_argument("--replication", type=int, default=1, help="replication factor of new topics")
     tp.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the broker to answer")
-    add_settings_arguments(tp, ProduceSettings)
+    add_settings_arguments(tp, ProduceSettings, skip=("limit",))
     tp.set_defaults(func=cmd_topics)
 
     w = sub.add_parser("worker", help="the stream worker")
