@@ -18,7 +18,7 @@ from pipeline.events import RawRecord
 from pipeline.exceptions import ConfigError
 from pipeline.state import open_store
 from tests.models.test_online import _samples, trainer  # noqa: F401 - the fixture
-from tests.pipeline.test_worker_metrics import samples_of
+from tests.pipeline.test_metrics import samples_of
 
 
 def test_metrics_read_the_trainers_counters_window_and_registry(trainer):  # noqa: F811 - the fixture
