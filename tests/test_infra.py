@@ -145,3 +145,52 @@ def _group_alive(pgid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+def _exported_names() -> set[str]:
+    """Every sample name the worker, trainer and scorer registries expose (a histogram's _bucket,
+    _sum and _count included), from each module's own registry and collector."""
+    from prometheus_client import CollectorRegistry
+
+    names: set[str] = set()
+
+    def add(registry: CollectorRegistry) -> None:
+        for fam in registry.collect():
+            names.update(s.name for s in fam.samples)
+            names.add(fam.name)
+
+    from pipeline.metrics import WorkerMetrics
+    from tests.pipeline.test_worker import feed, make_worker
+
+    w = make_worker()
+    wm = WorkerMetrics(w)
+    wm.observe_batch(0.01)
+    feed(w, [{"type": "behavior", "user_id": 1, "item_id": 2, "ts": 1_767_225_600_000}])  # a partition, a commit
+    add(wm.registry)
+    from serving.metrics import ScorerMetrics
+
+    sm = ScorerMetrics(lambda: None)
+    sm.observe_rpc("Score", "OK", 0.01)
+    sm.reload_failed()
+    add(sm.registry)
+    return names
+
+
+def test_the_alert_rules_name_only_metrics_the_services_export():
+    rules = yaml.safe_load((INFRA / "alerts.yml").read_text())
+    prom = yaml.safe_load((INFRA / "prometheus.yml").read_text())
+    assert prom["rule_files"] == ["/etc/prometheus/alerts.yml"]
+    mounts = _compose()["services"]["prometheus"]["volumes"]
+    assert "./alerts.yml:/etc/prometheus/alerts.yml:ro" in mounts
+    exported = _exported_names()
+    # the trainer's names come from its collector's source (building a trainer needs MLflow and a store;
+    # tests/models/test_trainer_metrics.py checks that collector's output)
+    trainer_src = (ROOT / "models" / "trainer_metrics.py").read_text()
+    exported |= {m + suffix for m in re.findall(r'"(ctrstream_trainer_[a-z_]+)"', trainer_src)
+                 for suffix in ("", "_total")}
+    used = set()
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            assert rule["alert"] and rule["expr"] and rule["annotations"]["summary"]
+            used |= set(re.findall(r"\bctrstream_[a-z_]+", rule["expr"]))
+    assert used and used <= exported, sorted(used - exported)
