@@ -1,7 +1,12 @@
 """Redis sequence store: one store shared by many workers, scorers and trainers on other hosts.
 
 Same chunked columnar layout as LMDB (``serialization``: up to ``CHUNK_ROWS`` behaviors per chunk,
-four little-endian columns); an append rewrites only the tail chunk and adds new ones. Every
+four little-endian columns), with one difference: a user's open (not yet full) tail chunk is a
+string key of its own, its columns at a full chunk's offsets, so a commit writes the new rows where
+they go (``SETRANGE``) instead of rewriting the tail. Redis's Lua hashes every byte of every string a
+script creates; rewriting each touched user's tail in the script was most of redis-server's CPU
+during a worker run. A tail that fills up moves into the hash as a chunk (a full chunk's fixed
+layout is the chunk format), and reads turn an open tail back into the chunk format. Every
 :meth:`RedisSequenceStore.commit` is ONE Lua script (atomic: no other command runs while it does),
 and a read is one read-only script per user, so a reader always sees one commit or the next, never
 half of one. ``read_many``, ``lengths`` and the digest scan pipeline their scripts: one round trip
@@ -10,7 +15,9 @@ per call.
 Key layout (namespace ``ns``, default ``ctrstream``; ``?namespace=NAME`` in the URI)::
 
     {ns:u:<user, 16 hex digits>}   HASH  "s", "e": start/end position (decimal);
-                                         "<chunk index>": encoded chunk
+                                         "<chunk index>": encoded full chunk
+    {ns:u:<user, 16 hex digits>}:t STRING the open tail chunk: row count (u16), then the four
+                                         columns at offsets 2, 2+8R, 2+16R, 2+24R (R = CHUNK_ROWS)
     {ns}:offsets                   HASH  group \\0 topic \\0 partition (u32 BE) -> next offset
     {ns}:meta                      HASH  worker values (watermarks) and the "__format__" record
     {ns}:pending                   HASH  pending-impression key -> value
@@ -53,6 +60,11 @@ from pipeline.state.serialization import CHUNK_ROWS, decode_chunk
 __all__ = ["RedisSequenceStore"]
 
 _FORMAT_KEY = b"__format__"
+#: The stored format: chunks of CHUNK_ROWS rows in each user's hash, the open tail chunk in its own
+#: key (``open_tail=key``). ``_FORMAT_V1`` kept the open tail in the hash too; a store written so is
+#: read as it is and moves to this format as it is written to (see ``RedisSequenceStore.__init__``).
+_FORMAT = f"chunk_rows={CHUNK_ROWS};open_tail=key".encode()
+_FORMAT_V1 = f"chunk_rows={CHUNK_ROWS}".encode()
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 #: Pending entries fetched per round trip by ``pending_items`` (ZRANGEBYLEX page + HMGET). A page is
 #: ~100 KB of reply: big enough that loading a partition's pending table costs few round trips,
@@ -80,65 +92,51 @@ for i = 1, ne do
   if have ~= want then return {'fenced', i, have or ''} end
   a = a + 2
 end
--- Rows [k, k + take) of one column (W bytes a row) of the tail chunk's tn rows (at byte toff of
--- `tail`) followed by the new rows: the part from the tail and the part from `new` ('' for none).
--- Redis hashes every byte of every string a script creates, and that hashing was most of this
--- script's time, so chunks are built in one concatenation of slices, with no intermediate
--- tail-plus-new columns, and a column that goes into a chunk whole is not copied.
-local function part(tail, toff, tn, new, W, k, take)
-  local a, b = '', ''
-  if k < tn then a = string.sub(tail, toff + W * k, toff + W * math.min(tn, k + take) - 1) end
-  local lo, hi = math.max(k - tn, 0), k + take - tn
-  if lo == 0 and W * hi == #new then b = new  -- all of it: no copy (each new Lua string is hashed whole)
-  elseif hi > lo then b = string.sub(new, W * lo + 1, W * hi) end
-  return a, b
+-- The `take` rows from row k of a new column (W bytes a row); the column itself when that is all of
+-- it (Redis hashes every byte of every string a script creates: a copy is not free).
+local function rows(new, W, k, take)
+  if k == 0 and W * take == #new then return new end
+  return string.sub(new, W * k + 1, W * (k + take))
 end
+-- pass 1, reads only: every user's position and open tail, checked
 local plans = {}
 for i = 1, nu do
-  local key = KEYS[4 + i]
+  local key, tkey = KEYS[3 + 2 * i], KEYS[4 + 2 * i]
   local it, ca, ts, ac = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   a = a + 4
   local se = redis.call('HMGET', key, 's', 'e')
   local s = tonumber(se[1]) or 0
   local e = tonumber(se[2]) or 0
-  local nnew = #ac
-  local first = e
-  local tail, tn = '', 0
-  if e % R ~= 0 then
-    local tci = math.floor(e / R)
-    tail = redis.call('HGET', key, num(tci))
-    if not tail then return {'corrupt', i, 'tail chunk ' .. num(tci) .. ' is missing'} end
-    tn = struct.unpack('<H', tail)
-    first = tci * R
-    if first + tn ~= e then return {'corrupt', i, 'tail chunk ' .. num(tci) .. ' holds ' .. tn .. ' rows'} end
-  end
-  local n = tn + nnew
-  local new_e = e + nnew
-  local new_s = math.max(s, new_e - cap)
-  local keep = math.floor(new_s / R)
-  local w = {}
-  local pos, k = first, 0
-  while k < n do
-    local ci = math.floor(pos / R)
-    local take = math.min(R - pos % R, n - k)
-    if ci >= keep then
-      local i1, i2 = part(tail, 3, tn, it, 8, k, take)
-      local c1, c2 = part(tail, 3 + 8 * tn, tn, ca, 8, k, take)
-      local t1, t2 = part(tail, 3 + 16 * tn, tn, ts, 8, k, take)
-      local a1, a2 = part(tail, 3 + 24 * tn, tn, ac, 1, k, take)
-      w[#w + 1] = num(ci)
-      w[#w + 1] = struct.pack('<H', take) .. i1 .. i2 .. c1 .. c2 .. t1 .. t2 .. a1 .. a2
+  local tn = e % R
+  local old = false  -- a store written before the tail key: the open tail is still a hash field
+  if tn ~= 0 then
+    local hdr = redis.call('GETRANGE', tkey, 0, 1)
+    local count
+    if #hdr == 2 then
+      count = struct.unpack('<H', hdr)
+    else
+      old = redis.call('HGET', key, num(math.floor(e / R)))
+      if not old then return {'corrupt', i, 'open tail chunk ' .. num(math.floor(e / R)) .. ' is missing'} end
+      count = struct.unpack('<H', old)
     end
-    pos = pos + take
-    k = k + take
+    if count ~= tn then
+      return {'corrupt', i, 'open tail chunk ' .. num(math.floor(e / R)) .. ' holds ' .. count .. ' rows, not ' .. tn}
+    end
   end
-  w[#w + 1] = 's'
-  w[#w + 1] = num(new_s)
-  w[#w + 1] = 'e'
-  w[#w + 1] = num(new_e)
-  local dels = {}
-  for ci = math.floor(s / R), keep - 1 do dels[#dels + 1] = num(ci) end
-  plans[i] = {key, w, dels}
+  local new_e = e + #ac
+  local new_s = math.max(s, new_e - cap)
+  plans[i] = {key, tkey, s, e, tn, old, new_s, new_e, it, ca, ts, ac}
+end
+-- pass 2: writes. The open tail chunk lives in its own string key, at fixed column offsets (a full
+-- chunk's), so new rows are written where they go (SETRANGE: what the commit costs grows with the
+-- new rows, not with the tail); a tail that fills up is moved into the hash as a chunk, and a full
+-- chunk's fixed layout is the chunk format.
+local function to_tail(tkey, off, take, it, ca, ts, ac)
+  redis.call('SETRANGE', tkey, 2 + 8 * off, it)
+  redis.call('SETRANGE', tkey, 2 + 8 * R + 8 * off, ca)
+  redis.call('SETRANGE', tkey, 2 + 16 * R + 8 * off, ts)
+  redis.call('SETRANGE', tkey, 2 + 24 * R + off, ac)
+  redis.call('SETRANGE', tkey, 0, struct.pack('<H', off + take))
 end
 local function call_sliced(cmd, key, args, step)
   local i = 1
@@ -149,9 +147,51 @@ local function call_sliced(cmd, key, args, step)
   end
 end
 for i = 1, nu do
-  local p = plans[i]
-  call_sliced('HSET', p[1], p[2], SLICE)
-  if #p[3] > 0 then call_sliced('HDEL', p[1], p[3], SLICE) end
+  local key, tkey, s, e, tn, old, new_s, new_e, it, ca, ts, ac = unpack(plans[i])
+  local keep = math.floor(new_s / R)
+  local w = {}
+  if tn ~= 0 then
+    local tci = math.floor(e / R)
+    if tci < keep then  -- the whole open chunk falls under the lifelong cap (a field: deleted below)
+      if not old then redis.call('DEL', tkey) end
+    elseif old then  -- move it to the tail key, once (the hash field goes)
+      local o = 3
+      to_tail(tkey, 0, tn, string.sub(old, o, o + 8 * tn - 1), string.sub(old, o + 8 * tn, o + 16 * tn - 1),
+              string.sub(old, o + 16 * tn, o + 24 * tn - 1), string.sub(old, o + 24 * tn, o + 25 * tn - 1))
+      redis.call('HDEL', key, num(tci))
+    end
+  end
+  local pos, k, n = e, 0, #ac
+  while k < n do
+    local ci = math.floor(pos / R)
+    local off = pos % R
+    local take = math.min(R - off, n - k)
+    if ci >= keep then
+      if off == 0 and take == R then  -- a whole chunk of new rows
+        w[#w + 1] = num(ci)
+        w[#w + 1] = struct.pack('<H', R) .. rows(it, 8, k, take) .. rows(ca, 8, k, take) .. rows(ts, 8, k, take)
+          .. rows(ac, 1, k, take)
+      else
+        to_tail(tkey, off, take, rows(it, 8, k, take), rows(ca, 8, k, take), rows(ts, 8, k, take),
+                rows(ac, 1, k, take))
+        if off + take == R then  -- full: the chunk goes into the hash
+          w[#w + 1] = num(ci)
+          w[#w + 1] = redis.call('GET', tkey)
+          redis.call('DEL', tkey)
+        end
+      end
+    end
+    pos = pos + take
+    k = k + take
+  end
+  w[#w + 1] = 's'
+  w[#w + 1] = num(new_s)
+  w[#w + 1] = 'e'
+  w[#w + 1] = num(new_e)
+  call_sliced('HSET', key, w, SLICE)
+  local dels = {}
+  for ci = math.floor(s / R), keep - 1 do dels[#dels + 1] = num(ci) end
+  if #dels > 0 then call_sliced('HDEL', key, dels, SLICE) end
 end
 for i = 1, nd do
   redis.call('HDEL', KEYS[3], ARGV[a])
@@ -174,9 +214,10 @@ end
 return {'ok'}
 """
 
-# Read: position and the chunks that cover [lo, hi), from one consistent view of the user's hash.
+# Read: position and the chunks that cover [lo, hi), from one consistent view of the user's hash and
+# open tail key; the open tail goes back in the chunk format (its first e % R rows, column by column).
 _READ_LUA = r"""#!lua flags=no-writes
-local key = KEYS[1]
+local key, tkey = KEYS[1], KEYS[2]
 local R = tonumber(ARGV[1])
 local se = redis.call('HMGET', key, 's', 'e')
 local s = tonumber(se[1]) or 0
@@ -190,6 +231,14 @@ if hi <= lo then return out end
 local f = {}
 for ci = math.floor(lo / R), math.floor((hi - 1) / R) do f[#f + 1] = string.format('%.0f', ci) end
 local got = redis.call('HMGET', key, unpack(f))
+local n = e % R
+if n ~= 0 and math.floor((hi - 1) / R) == math.floor(e / R) and not got[#got]
+    and #redis.call('GETRANGE', tkey, 0, 1) == 2 then  -- (a missing tail stays missing: the caller refuses)
+  got[#got] = struct.pack('<H', n) .. redis.call('GETRANGE', tkey, 2, 1 + 8 * n)
+    .. redis.call('GETRANGE', tkey, 2 + 8 * R, 1 + 8 * R + 8 * n)
+    .. redis.call('GETRANGE', tkey, 2 + 16 * R, 1 + 16 * R + 8 * n)
+    .. redis.call('GETRANGE', tkey, 2 + 24 * R, 1 + 24 * R + n)
+end
 for i = 1, #got do out[#out + 1] = got[i] end
 return out
 """
@@ -235,23 +284,33 @@ class RedisSequenceStore(SequenceStore):
         self._k_pending = f"{tag}:pending".encode()
         self._k_pkeys = f"{tag}:pending:keys".encode()
         self._user_fmt = f"{tag}:u:%016x" if single_slot else "{" + namespace + ":u:%016x}"
-        self._user_glob = (f"{tag}:u:*" if single_slot else "{" + namespace + ":u:*").encode()
+        # a user's open tail chunk: its own string key, in the user's slot (the same hash tag)
+        self._tail_fmt = self._user_fmt + ":t"
+        hex16 = "?" * 16  # the user keys only, not their tail keys
+        self._user_glob = (f"{tag}:u:{hex16}" if single_slot else "{" + namespace + f":u:{hex16}}}").encode()
         self._commit_script = self.r.register_script(_COMMIT_LUA)
         self._read_script = self.r.register_script(_READ_LUA)
-        fmt = f"chunk_rows={CHUNK_ROWS}".encode()
         try:
             have: Any = self.r.hget(self._k_meta, _FORMAT_KEY)
             if have is None and not readonly:
-                self.r.hsetnx(self._k_meta, _FORMAT_KEY, fmt)
+                self.r.hsetnx(self._k_meta, _FORMAT_KEY, _FORMAT)
                 have = self.r.hget(self._k_meta, _FORMAT_KEY)
+            if have is not None and bytes(have) == _FORMAT_V1 and not readonly:
+                # written before the open-tail key: this code reads and extends both layouts (a user's tail
+                # moves to its key at its next commit); the new record keeps older code off the store
+                self.r.hset(self._k_meta, _FORMAT_KEY, _FORMAT)
+                have = _FORMAT
         except redis.ConnectionError as e:
             raise StoreConfigError(f"cannot reach Redis at {url}: {e} (start redis-server or fix the URI)") from None
-        if have is not None and bytes(have) != fmt:
+        if have is not None and bytes(have) not in (_FORMAT, _FORMAT_V1):
             raise StoreConfigError(f"redis store {namespace!r} at {url} has format {bytes(have).decode()}, code "
-                                   f"expects {fmt.decode()}; rebuild the store (or use another namespace)")
+                                   f"expects {_FORMAT.decode()}; rebuild the store (or use another namespace)")
 
     def _ukey(self, user: int) -> bytes:
         return (self._user_fmt % user).encode()
+
+    def _tkey(self, user: int) -> bytes:
+        return (self._tail_fmt % user).encode()
 
     def _user_of(self, key: bytes) -> int:
         # "...:u:<16 hex>" optionally followed by "}"
@@ -297,7 +356,8 @@ class RedisSequenceStore(SequenceStore):
 
     def read_many(self, users: Sequence[int], ends: Sequence[int | None],
                   max_len: int | None = None) -> list[Behaviors]:
-        calls = [([self._ukey(u)], self._read_args(e, max_len)) for u, e in zip(users, ends, strict=True)]
+        calls = [([self._ukey(u), self._tkey(u)], self._read_args(e, max_len))
+                 for u, e in zip(users, ends, strict=True)]
         if not calls:
             return []
         replies = self._evalsha_many(self._read_script, calls)
@@ -356,7 +416,8 @@ class RedisSequenceStore(SequenceStore):
             raise StoreConfigError("this Redis store was opened read-only")
         appends = [(u, b) for u, b in delta.appends.items() if len(b)]
         keys: list[bytes] = [self._k_offsets, self._k_meta, self._k_pending, self._k_pkeys]
-        keys += [self._ukey(u) for u, _ in appends]
+        for u, _ in appends:
+            keys += [self._ukey(u), self._tkey(u)]
         args: list[Any] = [self.cap, CHUNK_ROWS, len(appends), len(delta.expect_offsets), len(delta.pending_del),
                            len(delta.pending_put), len(delta.offsets), len(delta.meta), _LUA_SLICE]
         expect = list(delta.expect_offsets.items())

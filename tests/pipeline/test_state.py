@@ -397,3 +397,108 @@ def test_store_planner_keeps_no_reference_it_should_not():
         cycle()
     grown = traced_growth(cycle, 100)
     assert grown < 50_000, f"{grown} bytes kept after 100 cycles"
+
+
+def _assert_reads_equal(s, ref, users):
+    for u in users:
+        n = ref.length(u)
+        assert s.length(u) == n
+        for end, max_len in [(None, None), (n, 1), (max(0, n - 300), 260), (n // 2, None)]:
+            a, b = s.read(u, end, max_len), ref.read(u, end, max_len)
+            assert (a.start, a.end) == (b.start, b.end)
+            for col in ("item", "category", "action", "ts"):
+                assert np.array_equal(getattr(a, col), getattr(b, col)), (u, end, max_len, col)
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("single_slot", [False, True])
+def test_a_redis_store_of_the_previous_layout_is_read_and_moves_on_as_it_is_written(redis_server, single_slot):
+    """Before the open-tail key, a user's open tail chunk was a field of its hash (format
+    "chunk_rows=256"). Such a store is read as it is, and a writer upgrades the format record and moves
+    each user's tail into its key at the user's next commit; everything reads as the reference."""
+    import redis
+
+    from pipeline.state import redis as rs
+
+    uri = redis_server.store_uri(**({"single_slot": 1} if single_slot else {}))
+    cap = 1000
+    s, ref = open_store(uri, cap=cap), open_store("memory://", cap=cap)
+    sizes = {1: 300, 2: CHUNK_ROWS, 3: 10, 4: 600, 5: 1100}  # open tails of 44, none, 10, 88, 76 rows
+    first = {u: make_behaviors(n, seed=u) for u, n in sizes.items()}
+    for x in (s, ref):
+        x.commit(StateDelta("g", appends=first))
+    r = redis.Redis.from_url(redis_server.url)
+    R = CHUNK_ROWS
+    moved = 0
+    for u in sizes:  # write the previous layout: the open tail back into the hash, compact
+        e, n = ref.length(u), ref.length(u) % R
+        raw = r.get(s._tkey(u))
+        assert (raw is None) == (n == 0)
+        if n:
+            compact = (raw[:2] + raw[2:2 + 8 * n] + raw[2 + 8 * R:2 + 8 * R + 8 * n]
+                       + raw[2 + 16 * R:2 + 16 * R + 8 * n] + raw[2 + 24 * R:2 + 24 * R + n])
+            r.hset(s._ukey(u), str(e // R), compact)
+            r.delete(s._tkey(u))
+            moved += 1
+    assert moved == 4
+    r.hset(s._k_meta, b"__format__", rs._FORMAT_V1)
+    s.close()
+    reader = open_store(uri, cap=cap, readonly=True)  # reads the previous layout as it is
+    _assert_reads_equal(reader, ref, sizes)
+    assert r.hget(reader._k_meta, b"__format__") == rs._FORMAT_V1  # a reader changes nothing
+    reader.close()
+    w = open_store(uri, cap=cap)
+    assert r.hget(w._k_meta, b"__format__") == rs._FORMAT
+    _assert_reads_equal(w, ref, sizes)
+    more = {1: make_behaviors(1, seed=11), 3: make_behaviors(CHUNK_ROWS, seed=13), 4: make_behaviors(300, seed=14),
+            5: make_behaviors(5, seed=15)}
+    for x in (w, ref):
+        x.commit(StateDelta("g", appends=more))
+    _assert_reads_equal(w, ref, sizes)
+    for u in more:  # the written users' open tails are in their keys now, no longer in their hashes
+        e, n = ref.length(u), ref.length(u) % R
+        assert (r.get(w._tkey(u)) is not None) == (n != 0)
+        assert r.hget(w._ukey(u), str(e // R)) is None
+    assert sorted(w.users()) == sorted(sizes) and w.digest() == ref.digest()
+    w.close()
+
+
+@pytest.mark.redis
+def test_a_redis_store_of_an_unknown_format_is_refused(redis_server):
+    import redis
+
+    from pipeline.exceptions import StoreConfigError
+
+    uri = redis_server.store_uri()
+    s = open_store(uri)
+    redis.Redis.from_url(redis_server.url).hset(s._k_meta, b"__format__", b"chunk_rows=512")
+    s.close()
+    with pytest.raises(StoreConfigError, match="has format chunk_rows=512"):
+        open_store(uri)
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("damage", ["tail key gone", "tail count off"])
+def test_a_redis_commit_onto_a_damaged_open_tail_is_refused_whole(redis_server, damage):
+    import redis
+
+    from pipeline.exceptions import StoreConfigError
+
+    s = open_store(redis_server.store_uri())
+    _append(s, 1, make_behaviors(CHUNK_ROWS + 5, seed=1))
+    _append(s, 2, make_behaviors(3, seed=2))
+    r = redis.Redis.from_url(redis_server.url)
+    before = s.read(1)
+    if damage == "tail key gone":
+        r.delete(s._tkey(2))
+        with pytest.raises(StoreConfigError, match="corrupt"):  # a read says so too
+            s.read(2)
+    else:
+        r.setrange(s._tkey(2), 0, b"\x07\x00")
+    with pytest.raises(StoreConfigError, match="store is corrupt for user 2"):
+        s.commit(StateDelta("g", appends={1: make_behaviors(4, seed=3), 2: make_behaviors(4, seed=4)},
+                            offsets={("events", 0): 9}))
+    after = s.read(1)  # nothing of it applied: user 1 (planned before user 2) and the offsets included
+    assert (after.start, after.end) == (before.start, before.end) and np.array_equal(after.item, before.item)
+    assert s.offsets("g") == {}
+    s.close()
