@@ -3,6 +3,7 @@ reflection and metrics."""
 
 from __future__ import annotations
 
+import time
 import urllib.request
 
 import grpc
@@ -126,9 +127,18 @@ def test_metrics_endpoint(make_store, model_dir, start_server):
         client.score("alice", ITEMS, CATS, timeout=5)
     with pytest.raises(grpc.RpcError):
         client.score("", ITEMS, CATS, timeout=5)
-    text = urllib.request.urlopen(f"http://127.0.0.1:{running.server.metrics_port}/metrics", timeout=5).read().decode()
+    refused = 'ctrstream_scorer_request_seconds_count{code="INVALID_ARGUMENT",method="Score"} 1.0'
+    # an aborted RPC is observed as its handler unwinds, which can be just after the client has its
+    # status (the abort sends it): wait for that observation, briefly
+    deadline = time.monotonic() + 5
+    while True:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{running.server.metrics_port}/metrics",
+                                      timeout=5).read().decode()
+        if refused in text or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert 'ctrstream_scorer_request_seconds_count{code="OK",method="Score"} 3.0' in text
-    assert 'ctrstream_scorer_request_seconds_count{code="INVALID_ARGUMENT",method="Score"} 1.0' in text
+    assert refused in text
     assert "ctrstream_scorer_candidates_per_request_sum 111.0" in text  # 3 x 37
     assert 'ctrstream_scorer_encoding_cache_total{outcome="hit"} 2.0' in text
     assert 'ctrstream_scorer_model_info{name="ctr",version="7"} 1.0' in text
