@@ -31,9 +31,11 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from pipeline.metrics import HttpExposition
 
 if TYPE_CHECKING:
     from models.online import OnlineTrainer
@@ -89,23 +91,10 @@ class _TrainerCollector(Collector):
         yield info
 
 
-class TrainerMetrics:
+class TrainerMetrics(HttpExposition):
     """All trainer metrics for one :class:`~models.online.OnlineTrainer`; :meth:`serve_http` exposes them."""
 
     def __init__(self, trainer: OnlineTrainer, registry: CollectorRegistry | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.registry.register(_TrainerCollector(trainer, clock))
-        self._server: Any = None
-
-    def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
-        """Expose ``/metrics`` over HTTP; returns the bound port (``port=0``: ephemeral)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        self._server = server
-        return int(server.server_port)
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None

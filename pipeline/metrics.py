@@ -49,7 +49,7 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from pipeline.worker import StreamWorker
 
-__all__ = ["WorkerMetrics"]
+__all__ = ["HttpExposition", "WorkerMetrics"]
 
 _BATCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _COMMIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -116,7 +116,27 @@ class _WorkerCollector(Collector):
         yield info
 
 
-class WorkerMetrics:
+class HttpExposition:
+    """``/metrics`` of ``self.registry`` over HTTP: the worker's, the trainer's and the scorer's metrics."""
+
+    registry: CollectorRegistry
+    _server: Any = None
+
+    def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
+        """Expose ``/metrics`` over HTTP; returns the bound port (``port=0``: ephemeral)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._server = server
+        return int(server.server_port)
+
+    def close(self) -> None:
+        """Stop the HTTP server and release its port (nothing when it was never started)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+class WorkerMetrics(HttpExposition):
     """All worker metrics for one :class:`~pipeline.worker.StreamWorker`. Construction hooks the
     commit histogram into the worker (``on_commit_seconds``); the caller observes batches
     (:meth:`observe_batch`) and may serve ``/metrics`` over HTTP (:meth:`serve_http`)."""
@@ -133,19 +153,6 @@ class WorkerMetrics:
                                         "the store's part of one state commit (appends grouped, one atomic "
                                         "commit)", buckets=_COMMIT_BUCKETS, registry=self.registry)
         worker.on_commit_seconds = self.commit_seconds.observe
-        self._server: Any = None
 
     def observe_batch(self, seconds: float) -> None:
         self.batch_seconds.observe(seconds)
-
-    def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
-        """Expose ``/metrics`` over HTTP; returns the bound port (``port=0``: ephemeral)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        self._server = server
-        return int(server.server_port)
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None

@@ -23,8 +23,9 @@ import threading
 from collections.abc import Callable
 
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from pipeline.metrics import HttpExposition
 from serving.scorer import CacheOutcome, LoadedModel, ScoreResult
 
 __all__ = ["ScorerMetrics"]
@@ -35,7 +36,7 @@ _CANDIDATE_BUCKETS = (1, 10, 50, 100, 200, 500, 1000, 2000, 5000)
 _LENGTH_BUCKETS = (0, 10, 100, 1000, 5000, 10_000, 50_000, 100_000)
 
 
-class ScorerMetrics:
+class ScorerMetrics(HttpExposition):
     """All scorer metrics. ``model_age`` is read lazily (at scrape time) from ``current_model``."""
 
     def __init__(self, current_model: Callable[[], LoadedModel | None],
@@ -69,7 +70,6 @@ class ScorerMetrics:
         ratio.set_function(self.cache_hit_ratio)
         self._cache_bytes = Gauge("ctrstream_scorer_encoding_cache_bytes", "bytes held by the encoding cache",
                                   registry=r)
-        self._server: object | None = None
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         self.latency.labels(method, code).observe(seconds)
@@ -98,14 +98,3 @@ class ScorerMetrics:
 
     def reload_failed(self) -> None:
         self.reloads.labels("failed").inc()
-
-    def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
-        """Expose ``/metrics`` over HTTP; returns the bound port (``port=0``: ephemeral)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        self._server = server
-        return int(server.server_port)
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()  # type: ignore[attr-defined]
-            self._server = None
