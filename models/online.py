@@ -626,13 +626,7 @@ def _consume(settings: TrainerSettings, ctx: DistContext, stop: threading.Event,
             from models.trainer_metrics import TrainerMetrics
 
             metrics = TrainerMetrics(trainer)
-            try:
-                port = metrics.serve_http(settings.metrics_port, settings.metrics_host)
-            except OSError as e:  # a port in use, an address not on this host: a start-up error
-                metrics = None
-                raise ConfigError(f"metrics_port: cannot serve /metrics on {settings.metrics_host}:"
-                                  f"{settings.metrics_port}: {e.strerror or e}") from None
-            log.info("metrics on http://%s:%d/metrics", settings.metrics_host, port)
+            metrics.start(settings.metrics_port, settings.metrics_host)
         consumer = make_assigned_consumer(settings.kafka_client, settings.bootstrap_servers,
                                           [settings.samples_topic], settings.group_id, rank=ctx.rank,
                                           world=ctx.world, max_poll_records=settings.batch_size,

@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from pipeline.metrics import HttpExposition
+from pipeline.metrics import HttpExposition, timestamp_and_age
 
 if TYPE_CHECKING:
     from models.online import OnlineTrainer
@@ -56,11 +56,7 @@ class _TrainerCollector(Collector):
                                   value=t.data_s)
         yield GaugeMetricFamily("ctrstream_trainer_consumer_lag", "samples published and not consumed yet",
                                 value=t.consumer_lag)
-        last = t.last_step_unix
-        yield GaugeMetricFamily("ctrstream_trainer_last_step_timestamp_seconds", "Unix time of the last step",
-                                value=float("nan") if last is None else last)
-        yield GaugeMetricFamily("ctrstream_trainer_last_step_age_seconds", "seconds since the last step",
-                                value=float("nan") if last is None else max(0.0, now - last))
+        yield from timestamp_and_age("ctrstream_trainer_last_step", "the last step", t.last_step_unix, now)
         steps = CounterMetricFamily("ctrstream_trainer_model_steps", "steps taken", labels=["model"])
         samples = CounterMetricFamily("ctrstream_trainer_model_samples", "samples learned", labels=["model"])
         train_s = CounterMetricFamily("ctrstream_trainer_model_train_seconds", "forward, backward and update time",

@@ -38,6 +38,7 @@ live stream (how far the state is behind the newest event it has seen, plus the 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -46,10 +47,14 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from pipeline.exceptions import ConfigError
+
 if TYPE_CHECKING:
     from pipeline.worker import StreamWorker
 
-__all__ = ["HttpExposition", "WorkerMetrics"]
+__all__ = ["HttpExposition", "WorkerMetrics", "timestamp_and_age"]
+
+log = logging.getLogger(__name__)
 
 _BATCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _COMMIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -82,13 +87,8 @@ class _WorkerCollector(Collector):
         yield events
         for field, (name, help_) in _COUNTERS.items():
             yield CounterMetricFamily(f"ctrstream_worker_{name}", help_, value=stats[field])
-        last = w.last_commit_unix
-        yield GaugeMetricFamily("ctrstream_worker_last_commit_timestamp_seconds",
-                                "Unix time of the last successful state commit",
-                                value=float("nan") if last is None else last)
-        yield GaugeMetricFamily("ctrstream_worker_last_commit_age_seconds",
-                                "seconds since the last successful state commit",
-                                value=float("nan") if last is None else max(0.0, now - last))
+        yield from timestamp_and_age("ctrstream_worker_last_commit", "the last successful state commit",
+                                     w.last_commit_unix, now)
         parts = w.partition_status()
         yield GaugeMetricFamily("ctrstream_worker_assigned_partitions", "partitions owned", value=len(parts))
         tp = ["topic", "partition"]
@@ -116,6 +116,15 @@ class _WorkerCollector(Collector):
         yield info
 
 
+def timestamp_and_age(prefix: str, what: str, last: float | None, now: float) -> Iterator[GaugeMetricFamily]:
+    """``<prefix>_timestamp_seconds`` (Unix time of ``what``) and ``<prefix>_age_seconds`` (since then);
+    NaN for both while it has not happened."""
+    yield GaugeMetricFamily(f"{prefix}_timestamp_seconds", f"Unix time of {what}",
+                            value=float("nan") if last is None else last)
+    yield GaugeMetricFamily(f"{prefix}_age_seconds", f"seconds since {what}",
+                            value=float("nan") if last is None else max(0.0, now - last))
+
+
 class HttpExposition:
     """``/metrics`` of ``self.registry`` over HTTP: the worker's, the trainer's and the scorer's metrics."""
 
@@ -127,6 +136,16 @@ class HttpExposition:
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         self._server = server
         return int(server.server_port)
+
+    def start(self, port: int, host: str) -> int:
+        """:meth:`serve_http` for a service starting up (the ``metrics_port`` and ``metrics_host`` settings):
+        a port that cannot be bound is a :class:`ConfigError` naming the setting; the address is logged."""
+        try:
+            bound = self.serve_http(port, host)
+        except OSError as e:  # a port in use, an address not on this host
+            raise ConfigError(f"metrics_port: cannot serve /metrics on {host}:{port}: {e.strerror or e}") from None
+        log.info("metrics on http://%s:%d/metrics", host, bound)
+        return bound
 
     def close(self) -> None:
         """Stop the HTTP server and release its port (nothing when it was never started)."""

@@ -76,7 +76,7 @@ from pipeline import joins
 from pipeline.checkpoint import Checkpoint, CommitPolicy, PendingCommit
 from pipeline.config import WorkerSettings
 from pipeline.events import ACTIONS, BEHAVIOR, CLICK, IMPRESSION, RawRecord, RecordBatch, decode_batch
-from pipeline.exceptions import ConfigError, OffsetRegressionError
+from pipeline.exceptions import OffsetRegressionError
 from pipeline.joins import CLICK_TS, P_TS, JoinImpl, decode_pending, parse_pending_key, sample_id
 from pipeline.kafka import ConsumerAdapter, ProducerAdapter, TopicPartitionT, make_consumer, make_producer
 from pipeline.state import SequenceStore, StateDelta, open_store
@@ -581,19 +581,6 @@ def _run(settings: WorkerSettings, stop: threading.Event, on_batch: Callable[[Wo
     store = open_store(settings.store, cap=settings.lifelong_cap)
     producer = make_producer(settings.kafka_client, settings.bootstrap_servers)
     worker = StreamWorker(settings, store, producer, background_commits=settings.background_commit)
-    metrics = None
-    if settings.metrics_port is not None:
-        from pipeline.metrics import WorkerMetrics
-
-        metrics = WorkerMetrics(worker)
-        try:
-            port = metrics.serve_http(settings.metrics_port, settings.metrics_host)
-        except OSError as e:  # a port in use, an address not on this host: a start-up error
-            producer.close()
-            store.close()
-            raise ConfigError(f"metrics_port: cannot serve /metrics on {settings.metrics_host}:"
-                              f"{settings.metrics_port}: {e.strerror or e}") from None
-        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, port)
     consumer_ref: list[ConsumerAdapter] = []
     pending_seeks: dict[TopicPartitionT, int] = {}
 
@@ -608,7 +595,13 @@ def _run(settings: WorkerSettings, stop: threading.Event, on_batch: Callable[[Wo
                 consumer_ref[0].seek(tp, off)
             pending_seeks.clear()
 
+    metrics = None
     try:
+        if settings.metrics_port is not None:
+            from pipeline.metrics import WorkerMetrics
+
+            metrics = WorkerMetrics(worker)
+            metrics.start(settings.metrics_port, settings.metrics_host)
         consumer = make_consumer(settings.kafka_client, settings.bootstrap_servers, [settings.events_topic],
                                  settings.group_id, on_assign=on_assign, on_revoke=worker.revoke,
                                  max_poll_interval_ms=settings.max_poll_interval_ms,
