@@ -24,6 +24,7 @@ import yaml  # PyYAML: a dependency of MLflow
 from pipeline.broker import free_port
 from pipeline.cli import _settings, build_parser
 from pipeline.config import ProduceSettings, TrainerSettings, WorkerSettings
+from tests.models.test_online import trainer  # noqa: F401 - the fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -51,21 +52,21 @@ def _loaded(service: str, cls: type, section: str) -> Any:
 def test_the_services_commands_parse_and_their_settings_load():
     topics = _loaded("topics", ProduceSettings, "produce")
     worker = _loaded("worker", WorkerSettings, "worker")
-    trainer = _loaded("trainer", TrainerSettings, "trainer")
-    assert topics.bootstrap_servers == worker.bootstrap_servers == trainer.bootstrap_servers == "kafka:9092"
-    assert worker.store == trainer.store and worker.store.startswith("redis://redis:6379/")
-    assert trainer.tracking_uri == "http://mlflow:5000" and trainer.checkpoint_dir.startswith("/data/")
+    trainer_s = _loaded("trainer", TrainerSettings, "trainer")
+    assert topics.bootstrap_servers == worker.bootstrap_servers == trainer_s.bootstrap_servers == "kafka:9092"
+    assert worker.store == trainer_s.store and worker.store.startswith("redis://redis:6379/")
+    assert trainer_s.tracking_uri == "http://mlflow:5000" and trainer_s.checkpoint_dir.startswith("/data/")
     from serving.cli import _SERVE_FIELDS
     from serving.config import ServerConfig
 
     argv = _ctrstream_argv("scorer")
     args = build_parser("serve").parse_args(argv)
     scorer = ServerConfig(**{k: getattr(args, k) for k in _SERVE_FIELDS if getattr(args, k, None) is not None})
-    assert scorer.store == worker.store and scorer.tracking_uri == trainer.tracking_uri
-    assert scorer.model_name is not None and scorer.model_name.startswith(trainer.registered_prefix)
-    assert scorer.model_name.removeprefix(trainer.registered_prefix) in trainer.models.split(",")
+    assert scorer.store == worker.store and scorer.tracking_uri == trainer_s.tracking_uri
+    assert scorer.model_name is not None and scorer.model_name.startswith(trainer_s.registered_prefix)
+    assert scorer.model_name.removeprefix(trainer_s.registered_prefix) in trainer_s.models.split(",")
     # every service's /metrics is reachable from Prometheus (not on loopback inside its container)
-    assert worker.metrics_host == trainer.metrics_host == scorer.metrics_host == "0.0.0.0"
+    assert worker.metrics_host == trainer_s.metrics_host == scorer.metrics_host == "0.0.0.0"
     prom = yaml.safe_load((INFRA / "prometheus.yml").read_text())
     ports = {}
     for job in prom["scrape_configs"]:
@@ -75,7 +76,7 @@ def test_the_services_commands_parse_and_their_settings_load():
             host, port = st["targets"][0].split(":")
             ports[job["job_name"]] = ([host], int(port))
     assert ports == {"ctrstream-worker": (["worker"], worker.metrics_port),
-                     "ctrstream-trainer": (["trainer"], trainer.metrics_port),
+                     "ctrstream-trainer": (["trainer"], trainer_s.metrics_port),
                      "ctrstream-scorer": (["scorer"], scorer.metrics_port)}
     # published ports bind loopback only
     for name, svc in _compose()["services"].items():
@@ -147,7 +148,7 @@ def _group_alive(pgid: int) -> bool:
         return False
 
 
-def _exported_names() -> set[str]:
+def _exported_names(online: Any) -> set[str]:
     """Every sample name the worker, trainer and scorer registries expose (a histogram's _bucket,
     _sum and _count included), from each module's own registry and collector."""
     from prometheus_client import CollectorRegistry
@@ -167,6 +168,12 @@ def _exported_names() -> set[str]:
     wm.observe_batch(0.01)
     feed(w, [{"type": "behavior", "user_id": 1, "item_id": 2, "ts": 1_767_225_600_000}])  # a partition, a commit
     add(wm.registry)
+    from models.trainer_metrics import TrainerMetrics
+    from tests.models.test_online import _samples
+
+    online.learn(_samples(32))  # a step: the window metrics
+    online.checkpoint()  # a version, and the champion
+    add(TrainerMetrics(online).registry)
     from serving.metrics import ScorerMetrics
 
     sm = ScorerMetrics(lambda: None)
@@ -176,18 +183,13 @@ def _exported_names() -> set[str]:
     return names
 
 
-def test_the_alert_rules_name_only_metrics_the_services_export():
+def test_the_alert_rules_name_only_metrics_the_services_export(trainer):  # noqa: F811 - the fixture
     rules = yaml.safe_load((INFRA / "alerts.yml").read_text())
     prom = yaml.safe_load((INFRA / "prometheus.yml").read_text())
     assert prom["rule_files"] == ["/etc/prometheus/alerts.yml"]
     mounts = _compose()["services"]["prometheus"]["volumes"]
     assert "./alerts.yml:/etc/prometheus/alerts.yml:ro" in mounts
-    exported = _exported_names()
-    # the trainer's names come from its collector's source (building a trainer needs MLflow and a store;
-    # tests/models/test_trainer_metrics.py checks that collector's output)
-    trainer_src = (ROOT / "models" / "trainer_metrics.py").read_text()
-    exported |= {m + suffix for m in re.findall(r'"(ctrstream_trainer_[a-z_]+)"', trainer_src)
-                 for suffix in ("", "_total")}
+    exported = _exported_names(trainer)
     used = set()
     for group in rules["groups"]:
         for rule in group["rules"]:
