@@ -57,10 +57,15 @@ def wait_for_kafka(bootstrap: str, timeout_s: float = START_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout_s
     last: Exception | None = None
     while time.monotonic() < deadline:
+        # an attempt's connection wait is bounded by the time left (kafka-python's own default is 30 s)
+        left_ms = max(100, int(1000 * (deadline - time.monotonic())))
         try:
-            admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
-            admin.list_topics()
-            admin.close()
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=min(3000, left_ms),
+                                     bootstrap_timeout_ms=left_ms)
+            try:
+                admin.list_topics()
+            finally:
+                admin.close()
             return
         except Exception as e:  # noqa: BLE001 - any failure means "not ready yet"
             last = e
@@ -68,17 +73,14 @@ def wait_for_kafka(bootstrap: str, timeout_s: float = START_TIMEOUT_S) -> None:
     raise BrokerError(f"broker at {bootstrap} did not answer within {timeout_s:.0f}s: {last}")
 
 
-def create_topics(bootstrap: str, topics: dict[str, int], replication: int = 1,
-                  timeout_ms: int = 10_000) -> list[str]:
+def create_topics(bootstrap: str, topics: dict[str, int], replication: int = 1) -> list[str]:
     """Create topics {name: partitions} if missing (replication 1 by default: the embedded broker is
-    one node); returns the names created (an existing topic is left as it is). ``timeout_ms`` bounds
-    the connection to the cluster and each request."""
+    one node); returns the names created (an existing topic is left as it is)."""
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms,
-                             bootstrap_timeout_ms=timeout_ms)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
     try:
         have = set(admin.list_topics())
         new = [NewTopic(t, n, replication) for t, n in topics.items() if t not in have]

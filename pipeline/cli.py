@@ -95,25 +95,18 @@ def cmd_topics(args: argparse.Namespace) -> int:
     """Create the events, samples and dead-letter topics (a deployment's first step; existing ones are
     left as they are). The worker's group spreads the events topic's partitions over its members, so
     its partition count caps how many workers share the load."""
-    import time
-
-    from pipeline.broker import create_topics
+    from pipeline.broker import create_topics, wait_for_kafka
     from pipeline.config import ProduceSettings
+    from pipeline.exceptions import BrokerError
 
     s = _settings(ProduceSettings, args, "produce")
     want = {s.events_topic: s.partitions, s.samples_topic: s.partitions, s.dlq_topic: 1}
-    deadline = time.monotonic() + args.wait
-    while True:  # a broker that is still starting (a compose stack) is waited for, up to --wait seconds
-        try:
-            left_ms = int(1000 * max(1.0, deadline - time.monotonic()))
-            created = create_topics(s.bootstrap_servers, want, args.replication, min(10_000, left_ms))
-            break
-        except Exception as e:  # noqa: BLE001 - kafka-python raises several kinds while the broker starts
-            if time.monotonic() > deadline:
-                print(f"topics: the broker at {s.bootstrap_servers} did not answer within {args.wait:.0f}s: {e}",
-                      file=sys.stderr)
-                return 1
-            time.sleep(1.0)
+    try:  # a broker that is still starting (a compose stack) is waited for, up to --wait seconds
+        wait_for_kafka(s.bootstrap_servers, args.wait)
+    except BrokerError as e:
+        print(f"topics: {e}", file=sys.stderr)
+        return 1
+    created = create_topics(s.bootstrap_servers, want, args.replication)
     print(json.dumps({"created": created, "topics": want, "replication": args.replication}))
     return 0
 
