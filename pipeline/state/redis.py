@@ -107,7 +107,7 @@ for i = 1, nu do
   local se = redis.call('HMGET', key, 's', 'e')
   local s = tonumber(se[1]) or 0
   local e = tonumber(se[2]) or 0
-  local tn = e % R
+  local tn, tci = e % R, math.floor(e / R)  -- rows in the open tail chunk, and its index
   local old = false  -- a store written before the tail key: the open tail is still a hash field
   if tn ~= 0 then
     local hdr = redis.call('GETRANGE', tkey, 0, 1)
@@ -115,17 +115,17 @@ for i = 1, nu do
     if #hdr == 2 then
       count = struct.unpack('<H', hdr)
     else
-      old = redis.call('HGET', key, num(math.floor(e / R)))
-      if not old then return {'corrupt', i, 'open tail chunk ' .. num(math.floor(e / R)) .. ' is missing'} end
+      old = redis.call('HGET', key, num(tci))
+      if not old then return {'corrupt', i, 'open tail chunk ' .. num(tci) .. ' is missing'} end
       count = struct.unpack('<H', old)
     end
     if count ~= tn then
-      return {'corrupt', i, 'open tail chunk ' .. num(math.floor(e / R)) .. ' holds ' .. count .. ' rows, not ' .. tn}
+      return {'corrupt', i, 'open tail chunk ' .. num(tci) .. ' holds ' .. count .. ' rows, not ' .. tn}
     end
   end
   local new_e = e + #ac
   local new_s = math.max(s, new_e - cap)
-  plans[i] = {key, tkey, s, e, tn, old, new_s, new_e, it, ca, ts, ac}
+  plans[i] = {key, tkey, s, e, tn, tci, old, new_s, new_e, it, ca, ts, ac}
 end
 -- pass 2: writes. The open tail chunk lives in its own string key, at fixed column offsets (a full
 -- chunk's), so new rows are written where they go (SETRANGE: what the commit costs grows with the
@@ -147,11 +147,10 @@ local function call_sliced(cmd, key, args, step)
   end
 end
 for i = 1, nu do
-  local key, tkey, s, e, tn, old, new_s, new_e, it, ca, ts, ac = unpack(plans[i])
+  local key, tkey, s, e, tn, tci, old, new_s, new_e, it, ca, ts, ac = unpack(plans[i])
   local keep = math.floor(new_s / R)
   local w = {}
   if tn ~= 0 then
-    local tci = math.floor(e / R)
     if tci < keep then  -- the whole open chunk falls under the lifelong cap (a field: deleted below)
       if not old then redis.call('DEL', tkey) end
     elseif old then  -- move it to the tail key, once (the hash field goes)
